@@ -1,0 +1,194 @@
+//! A Rust client for artiflight servers.
+//!
+//! Wraps Arrow Flight with artiflight's descriptors: name what to read with a [`Request`], then
+//! stream or collect its record batches from every endpoint, in order.
+//!
+//! ```no_run
+//! use artiflight_client::{Client, Request};
+//!
+//! # async fn example() -> Result<(), artiflight_client::Error> {
+//! let mut client = Client::connect("grpc://127.0.0.1:8815").await?;
+//! let request = Request::key("sharded_parquet")
+//!     .filter("louvain = 3 AND n_genes > 700")
+//!     .columns(["cell_type", "n_genes"])
+//!     .limit(5);
+//! let (schema, batches) = client.collect(&request).await?;
+//! println!("{schema:?}: {} batches", batches.len());
+//! # Ok(()) }
+//! ```
+
+mod request;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+use arrow_flight::error::FlightError;
+use arrow_flight::{Action, Criteria, FlightClient, FlightInfo, PutResult, encode::FlightDataEncoderBuilder};
+use arrow_flight::encode::DictionaryHandling;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use tonic::transport::{Channel, Endpoint};
+
+pub use request::Request;
+pub use tonic::Code;
+
+/// What can go wrong talking to a server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error status.
+    #[error("{code:?}: {message}")]
+    Status { code: Code, message: String },
+    /// No connection could be made.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server's answer could not be decoded.
+    #[error("cannot decode the server's answer: {0}")]
+    Decode(String),
+    /// The caller passed something unusable.
+    #[error("{0}")]
+    InvalidInput(String),
+}
+
+impl Error {
+    /// The gRPC status code, for errors that came from the server.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<FlightError> for Error {
+    fn from(e: FlightError) -> Self {
+        match e {
+            FlightError::Tonic(status) => Error::Status {
+                code: status.code(),
+                message: status.message().to_string(),
+            },
+            other => Error::Decode(other.to_string()),
+        }
+    }
+}
+
+impl From<ArrowError> for Error {
+    fn from(e: ArrowError) -> Self {
+        Error::Decode(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Decode(format!("invalid JSON: {e}"))
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A connection to one artiflight server.
+#[derive(Clone, Debug)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to `grpc://host:port` (also `http://`; `grpc+tls://` and `https://` for TLS).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let http = if let Some(rest) = url.strip_prefix("grpc+tls://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = url.strip_prefix("grpc://").or_else(|| url.strip_prefix("grpc+tcp://")) {
+            format!("http://{rest}")
+        } else {
+            url.to_string()
+        };
+        let endpoint = Endpoint::from_shared(http)
+            .map_err(|e| Error::Connect { url: url.to_string(), source: e })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Error::Connect { url: url.to_string(), source: e })?;
+        Ok(Self { channel })
+    }
+
+    /// The underlying Flight client, for anything this crate does not wrap.
+    pub fn flight(&self) -> FlightClient {
+        FlightClient::new(self.channel.clone())
+    }
+
+    /// Latest artifacts and collections, optionally filtered by a record filter such as
+    /// `{"suffix": ".parquet"}`.
+    pub async fn list(&self, filter: Option<serde_json::Value>) -> Result<Vec<FlightInfo>> {
+        let expression = filter.map(|f| f.to_string()).unwrap_or_default();
+        let stream = self.flight().list_flights(Criteria { expression: expression.into() }).await?;
+        Ok(stream.try_collect().await?)
+    }
+
+    /// The flight's schema, counts, endpoints and record.
+    pub async fn info(&self, request: &Request) -> Result<FlightInfo> {
+        Ok(self.flight().get_flight_info(request.descriptor()).await?)
+    }
+
+    /// Streams the flight's batches, endpoint after endpoint, with its announced schema.
+    pub async fn get(&self, request: &Request) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+        let info = self.info(request).await?;
+        self.get_info(&info)
+    }
+
+    /// Streams the batches of a flight already described by `info`.
+    pub fn get_info(&self, info: &FlightInfo) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+        let schema = std::sync::Arc::new(info.clone().try_decode_schema()?);
+        let tickets: Vec<_> = info.endpoint.iter().filter_map(|e| e.ticket.clone()).collect();
+        let this = self.clone();
+        let batches = futures::stream::iter(tickets)
+            .then(move |ticket| {
+                let mut flight = this.flight();
+                async move { flight.do_get(ticket).await.map_err(Error::from) }
+            })
+            .map_ok(|stream| stream.map_err(Error::from))
+            .try_flatten()
+            .boxed();
+        Ok((schema, batches))
+    }
+
+    /// Reads the whole flight into memory.
+    pub async fn collect(&self, request: &Request) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let (schema, stream) = self.get(request).await?;
+        Ok((schema, stream.try_collect().await?))
+    }
+
+    /// Uploads batches as a new parquet artifact (or a new version of `key`); returns its record.
+    pub async fn put(&self, key: &str, batches: Vec<RecordBatch>) -> Result<serde_json::Value> {
+        let schema = batches
+            .first()
+            .map(|b| b.schema())
+            .ok_or_else(|| Error::InvalidInput("put needs at least one batch".into()))?;
+        let data = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_dictionary_handling(DictionaryHandling::Resend)
+            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![key.to_string()])))
+            .build(futures::stream::iter(batches.into_iter().map(Ok)));
+        let results: Vec<PutResult> = self.flight().do_put(data).await?.try_collect().await?;
+        let result = results
+            .first()
+            .ok_or_else(|| Error::Decode("DoPut returned no result".into()))?;
+        Ok(serde_json::from_slice(&result.app_metadata)?)
+    }
+
+    /// Runs an action (`register`, `create_collection`, `describe`, `list_versions`, `delete`).
+    pub async fn action(&self, name: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+        let stream = self
+            .flight()
+            .do_action(Action::new(name, body.to_string()))
+            .await?;
+        let bodies: Vec<bytes::Bytes> = stream.try_collect().await?;
+        let body = bodies
+            .first()
+            .ok_or_else(|| Error::Decode(format!("action '{name}' returned nothing")))?;
+        Ok(serde_json::from_slice(body)?)
+    }
+}

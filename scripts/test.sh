@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and end-to-end tests, then the Python interop tests against a real
+# server binary. This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+cargo build --bin artiflight
+cargo test --workspace --all-targets
+cargo test --workspace --doc
+
+export ARTIFLIGHT_BIN="$PWD/target/debug/artiflight"
+.venv/bin/python -m pytest -q tests/python "$@"

@@ -1,0 +1,211 @@
+//! The versioned catalog of artifacts and collections.
+//!
+//! Records say where an artifact lives and what it is; they never hold data. The store sits behind
+//! the small [`CatalogStore`] trait so that a shared PostgreSQL catalog can join SQLite later; the
+//! [`Catalog`] handle runs the (blocking) store calls off the async runtime.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+pub use sqlite::SqliteCatalog;
+
+/// One version of one artifact: a file or folder in a storage, registered under a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// 16-character base62 stem shared by all versions, then a 4-digit version counter.
+    pub uid: String,
+    pub key: String,
+    pub description: Option<String>,
+    /// `.parquet`, `.csv`, `.arrow`, ... or `""` for a folder of shards.
+    pub suffix: String,
+    /// `DataFrame`, `AnnData`, `SpatialData`, or `None` when unknown.
+    pub otype: Option<String>,
+    /// Bytes, summed over a folder's files.
+    pub size: u64,
+    /// Content hash; a folder's derives from its files' hashes.
+    pub hash: String,
+    pub n_files: Option<u64>,
+    pub n_observations: Option<u64>,
+    /// 1 for the first version of a key, then 2, 3, ...
+    pub version: u32,
+    pub is_latest: bool,
+    /// UTC, RFC 3339.
+    pub created_at: String,
+    /// The root URL of the storage that holds the artifact.
+    pub storage: String,
+    /// The artifact's full URL (`file:///...`, `s3://bucket/...`).
+    pub path: String,
+    /// Set when the file lives in managed storage (DoPut uploads) and is deleted with its record.
+    pub managed: bool,
+    /// Set when the operator registered it from the command line: readable even outside the
+    /// server's allowed roots.
+    pub trusted: bool,
+    /// When it was moved to the trash, if it was.
+    pub trashed_at: Option<String>,
+}
+
+/// An ordered list of artifacts under a key; its table is the union of its members' tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    pub uid: String,
+    pub key: String,
+    pub description: Option<String>,
+    pub hash: String,
+    pub version: u32,
+    pub is_latest: bool,
+    pub created_at: String,
+    /// Member artifacts' uids, in member order: a collection pins the versions it was made of.
+    pub members: Vec<String>,
+    pub member_keys: Vec<String>,
+    pub trashed_at: Option<String>,
+}
+
+/// Whatever a key names.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Entry {
+    Artifact(ArtifactRecord),
+    Collection(CollectionRecord),
+}
+
+impl Entry {
+    pub fn key(&self) -> &str {
+        match self {
+            Entry::Artifact(a) => &a.key,
+            Entry::Collection(c) => &c.key,
+        }
+    }
+
+    pub fn uid(&self) -> &str {
+        match self {
+            Entry::Artifact(a) => &a.uid,
+            Entry::Collection(c) => &c.uid,
+        }
+    }
+
+    /// The record as the JSON that actions and `app_metadata` return.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A filter over artifact records, as ListFlights criteria and query sets take it.
+///
+/// ```
+/// use artiflight_server::catalog::RecordFilter;
+/// let f: RecordFilter = serde_json::from_str(r#"{"suffix": ".parquet"}"#).unwrap();
+/// assert_eq!(f.suffix.as_deref(), Some(".parquet"));
+/// assert!(serde_json::from_str::<RecordFilter>(r#"{"sufix": ".parquet"}"#).is_err());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordFilter {
+    pub key: Option<String>,
+    pub key_prefix: Option<String>,
+    pub suffix: Option<String>,
+    pub otype: Option<String>,
+}
+
+impl RecordFilter {
+    /// Parses criteria bytes: empty means everything.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid(format!("invalid record filter: {e}")))
+    }
+
+    /// Whether the filter only admits artifacts (collections have no suffix or otype).
+    pub fn is_artifact_only(&self) -> bool {
+        self.suffix.is_some() || self.otype.is_some()
+    }
+
+    pub fn matches_key(&self, key: &str) -> bool {
+        self.key.as_deref().is_none_or(|k| k == key)
+            && self.key_prefix.as_deref().is_none_or(|p| key.starts_with(p))
+    }
+}
+
+/// What registering needs to know about new content; the catalog fills in uid, version and time.
+#[derive(Debug, Clone)]
+pub struct NewArtifact {
+    pub key: String,
+    pub description: Option<String>,
+    pub suffix: String,
+    pub otype: Option<String>,
+    pub size: u64,
+    pub hash: String,
+    pub n_files: Option<u64>,
+    pub n_observations: Option<u64>,
+    pub storage: String,
+    pub path: String,
+    pub managed: bool,
+    pub trusted: bool,
+}
+
+/// The outcome of a delete: what was removed or trashed, and managed files now safe to remove.
+#[derive(Debug, Clone)]
+pub struct Deleted {
+    pub entries: Vec<Entry>,
+    pub orphaned_paths: Vec<String>,
+}
+
+/// A catalog backend. Calls block; use them through [`Catalog`].
+pub trait CatalogStore: Send + Sync {
+    /// Registers content; returns the record and whether it is new (`false`: the hash was known).
+    fn register(&self, new: NewArtifact) -> Result<(ArtifactRecord, bool)>;
+    /// Makes a collection (or a new version of one) from the latest versions of `member_keys`.
+    fn create_collection(
+        &self,
+        key: &str,
+        member_keys: &[String],
+        description: Option<String>,
+    ) -> Result<(CollectionRecord, bool)>;
+    /// The latest untrashed entry under `key`, or the exact version `uid` when given.
+    fn resolve(&self, key: &str, uid: Option<&str>) -> Result<Entry>;
+    /// Artifacts by uid, in the order asked.
+    fn artifacts(&self, uids: &[String]) -> Result<Vec<ArtifactRecord>>;
+    /// Latest untrashed artifacts and collections that match, in key order.
+    fn list(&self, filter: &RecordFilter) -> Result<Vec<Entry>>;
+    /// Every version under `key`, oldest first, trashed ones included.
+    fn versions(&self, key: &str) -> Result<Vec<Entry>>;
+    /// Trashes (or with `permanent`, deletes) one version, or every version of the key.
+    fn delete(&self, key: &str, uid: Option<&str>, permanent: bool) -> Result<Deleted>;
+}
+
+/// A cheap, cloneable handle on a catalog store.
+#[derive(Clone)]
+pub struct Catalog(Arc<dyn CatalogStore>);
+
+impl Catalog {
+    pub fn new(store: impl CatalogStore + 'static) -> Self {
+        Self(Arc::new(store))
+    }
+
+    /// Opens (and migrates) the SQLite catalog at `path`.
+    pub fn open_sqlite(path: &std::path::Path) -> Result<Self> {
+        Ok(Self::new(SqliteCatalog::open(path)?))
+    }
+
+    /// Runs a store call on the blocking pool: SQLite may wait on another process's lock.
+    pub async fn run<T, F>(&self, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn CatalogStore) -> Result<T> + Send + 'static,
+    {
+        let store = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || call(store.as_ref()))
+            .await
+            .map_err(|e| Error::Internal(format!("catalog task failed: {e}")))?
+    }
+
+    /// The store itself, for synchronous callers such as the command line.
+    pub fn store(&self) -> &dyn CatalogStore {
+        self.0.as_ref()
+    }
+}

@@ -1,0 +1,572 @@
+//! The embedded SQLite catalog: WAL mode, a busy timeout and immediate transactions, so that a
+//! server and the command line can write at once without corrupting it or failing spuriously.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+
+use super::{
+    ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
+};
+use crate::error::{Error, Result};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE artifacts (
+    uid            TEXT PRIMARY KEY,
+    stem           TEXT NOT NULL,
+    key            TEXT NOT NULL,
+    description    TEXT,
+    suffix         TEXT NOT NULL,
+    otype          TEXT,
+    size           INTEGER NOT NULL,
+    hash           TEXT NOT NULL,
+    n_files        INTEGER,
+    n_observations INTEGER,
+    version        INTEGER NOT NULL,
+    is_latest      INTEGER NOT NULL,
+    created_at     TEXT NOT NULL,
+    storage        TEXT NOT NULL,
+    path           TEXT NOT NULL,
+    managed        INTEGER NOT NULL,
+    trusted        INTEGER NOT NULL,
+    trashed_at     TEXT
+);
+CREATE INDEX artifacts_key ON artifacts(key);
+CREATE INDEX artifacts_hash ON artifacts(hash);
+CREATE UNIQUE INDEX artifacts_one_latest ON artifacts(key) WHERE is_latest = 1;
+
+CREATE TABLE collections (
+    uid         TEXT PRIMARY KEY,
+    stem        TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    description TEXT,
+    hash        TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    is_latest   INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    trashed_at  TEXT
+);
+CREATE INDEX collections_key ON collections(key);
+CREATE UNIQUE INDEX collections_one_latest ON collections(key) WHERE is_latest = 1;
+
+CREATE TABLE collection_members (
+    collection_uid TEXT NOT NULL REFERENCES collections(uid) ON DELETE CASCADE,
+    position       INTEGER NOT NULL,
+    artifact_uid   TEXT NOT NULL REFERENCES artifacts(uid),
+    PRIMARY KEY (collection_uid, position)
+);
+"#];
+
+const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
+     n_observations, version, is_latest, created_at, storage, path, managed, trusted, trashed_at";
+
+/// The SQLite implementation of [`CatalogStore`].
+pub struct SqliteCatalog {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteCatalog {
+    /// Opens the catalog file, creating and migrating it as needed.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        }
+        let mut conn = Connection::open(path)?;
+        // Another process (the CLI next to a server) may hold the write lock for a moment.
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.lock()?;
+        // IMMEDIATE takes the write lock up front, so two writers queue on the busy timeout
+        // instead of failing when a read transaction tries to upgrade.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.lock()?;
+        f(&conn)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| Error::Internal("catalog connection poisoned".into()))
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let applied: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if applied > MIGRATIONS.len() {
+        return Err(Error::Internal(format!(
+            "catalog schema version {applied} is newer than this build knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for sql in &MIGRATIONS[applied..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn new_stem() -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
+        .collect()
+}
+
+fn uid(stem: &str, counter: u32) -> String {
+    format!("{stem}{counter:04}")
+}
+
+fn artifact_from_row(row: &Row<'_>) -> rusqlite::Result<ArtifactRecord> {
+    Ok(ArtifactRecord {
+        uid: row.get(0)?,
+        key: row.get(1)?,
+        description: row.get(2)?,
+        suffix: row.get(3)?,
+        otype: row.get(4)?,
+        size: row.get(5)?,
+        hash: row.get(6)?,
+        n_files: row.get(7)?,
+        n_observations: row.get(8)?,
+        version: row.get(9)?,
+        is_latest: row.get(10)?,
+        created_at: row.get(11)?,
+        storage: row.get(12)?,
+        path: row.get(13)?,
+        managed: row.get(14)?,
+        trusted: row.get(15)?,
+        trashed_at: row.get(16)?,
+    })
+}
+
+fn artifact_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) -> Result<Vec<ArtifactRecord>> {
+    let sql = format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE {clause}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(args, artifact_from_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+fn collection_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) -> Result<Vec<CollectionRecord>> {
+    let sql = format!(
+        "SELECT uid, key, description, hash, version, is_latest, created_at, trashed_at \
+         FROM collections WHERE {clause}"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let heads = stmt
+        .query_map(args, |row| {
+            Ok(CollectionRecord {
+                uid: row.get(0)?,
+                key: row.get(1)?,
+                description: row.get(2)?,
+                hash: row.get(3)?,
+                version: row.get(4)?,
+                is_latest: row.get(5)?,
+                created_at: row.get(6)?,
+                trashed_at: row.get(7)?,
+                members: Vec::new(),
+                member_keys: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut members = conn.prepare_cached(
+        "SELECT m.artifact_uid, a.key FROM collection_members m JOIN artifacts a ON a.uid = m.artifact_uid \
+         WHERE m.collection_uid = ?1 ORDER BY m.position",
+    )?;
+    heads
+        .into_iter()
+        .map(|mut c| {
+            let rows = members.query_map([&c.uid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for row in rows {
+                let (uid, key): (String, String) = row?;
+                c.members.push(uid);
+                c.member_keys.push(key);
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
+/// The next version of `key` in `table`: (stem, counter, version), and clears the old latest flag.
+fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String, u32, u32)> {
+    let latest: Option<(String, u32)> = tx
+        .query_row(
+            &format!("SELECT uid, version FROM {table} WHERE key = ?1 ORDER BY version DESC LIMIT 1"),
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match latest {
+        None => Ok((new_stem(), 0, 1)),
+        Some((uid, version)) => {
+            tx.execute(&format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"), [key])?;
+            let stem = uid.get(..16).unwrap_or(&uid).to_string();
+            Ok((stem, version, version + 1))
+        }
+    }
+}
+
+/// After a version left the untrashed set, the newest remaining one becomes the latest.
+fn promote_latest(tx: &Transaction<'_>, table: &str, key: &str) -> Result<()> {
+    tx.execute(&format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"), [key])?;
+    tx.execute(
+        &format!(
+            "UPDATE {table} SET is_latest = 1 WHERE uid = (SELECT uid FROM {table} \
+             WHERE key = ?1 AND trashed_at IS NULL ORDER BY version DESC LIMIT 1)"
+        ),
+        [key],
+    )?;
+    Ok(())
+}
+
+impl CatalogStore for SqliteCatalog {
+    fn register(&self, new: NewArtifact) -> Result<(ArtifactRecord, bool)> {
+        self.write(|tx| {
+            if let Some(existing) =
+                artifact_where(tx, "hash = ?1 AND trashed_at IS NULL ORDER BY version DESC LIMIT 1", [&new.hash])?
+                    .pop()
+            {
+                return Ok((existing, false));
+            }
+            if !collection_where(tx, "key = ?1 AND trashed_at IS NULL", [&new.key])?.is_empty() {
+                return Err(Error::invalid(format!("key '{}' already names a collection", new.key)));
+            }
+            let (stem, counter, version) = next_version(tx, "artifacts", &new.key)?;
+            let uid = uid(&stem, counter);
+            tx.execute(
+                &format!(
+                    "INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL)"
+                ),
+                params![
+                    uid,
+                    new.key,
+                    new.description,
+                    new.suffix,
+                    new.otype,
+                    new.size,
+                    new.hash,
+                    new.n_files,
+                    new.n_observations,
+                    version,
+                    now(),
+                    new.storage,
+                    new.path,
+                    new.managed,
+                    new.trusted,
+                ],
+            )?;
+            let record = artifact_where(tx, "uid = ?1", [&uid])?
+                .pop()
+                .ok_or_else(|| Error::Internal(format!("artifact {uid} vanished after insert")))?;
+            Ok((record, true))
+        })
+    }
+
+    fn create_collection(
+        &self,
+        key: &str,
+        member_keys: &[String],
+        description: Option<String>,
+    ) -> Result<(CollectionRecord, bool)> {
+        if member_keys.is_empty() {
+            return Err(Error::invalid("a collection needs at least one member"));
+        }
+        self.write(|tx| {
+            let mut uids = Vec::with_capacity(member_keys.len());
+            for member in member_keys {
+                let found = artifact_where(tx, "key = ?1 AND is_latest = 1", [member])?;
+                let record = found
+                    .first()
+                    .ok_or_else(|| Error::not_found(format!("no artifact with key '{member}'")))?;
+                uids.push(record.uid.clone());
+            }
+            if !artifact_where(tx, "key = ?1 AND trashed_at IS NULL", [key])?.is_empty() {
+                return Err(Error::invalid(format!("key '{key}' already names an artifact")));
+            }
+            let hash = crate::storage::hash_parts(uids.iter().map(String::as_bytes));
+            if let Some(existing) =
+                collection_where(tx, "key = ?1 AND hash = ?2 AND trashed_at IS NULL", params![key, hash])?.pop()
+            {
+                return Ok((existing, false));
+            }
+            let (stem, counter, version) = next_version(tx, "collections", key)?;
+            let uid = uid(&stem, counter);
+            tx.execute(
+                "INSERT INTO collections (uid, stem, key, description, hash, version, is_latest, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+                params![uid, stem, key, description, hash, version, now()],
+            )?;
+            for (position, member) in uids.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO collection_members (collection_uid, position, artifact_uid) VALUES (?1, ?2, ?3)",
+                    params![uid, position, member],
+                )?;
+            }
+            let record = collection_where(tx, "uid = ?1", [&uid])?
+                .pop()
+                .ok_or_else(|| Error::Internal(format!("collection {uid} vanished after insert")))?;
+            Ok((record, true))
+        })
+    }
+
+    fn resolve(&self, key: &str, uid: Option<&str>) -> Result<Entry> {
+        self.read(|conn| {
+            let (artifacts, collections) = match uid {
+                Some(uid) => (
+                    artifact_where(conn, "uid = ?1 AND key = ?2", [uid, key])?,
+                    collection_where(conn, "uid = ?1 AND key = ?2", [uid, key])?,
+                ),
+                None => (
+                    artifact_where(conn, "key = ?1 AND is_latest = 1", [key])?,
+                    collection_where(conn, "key = ?1 AND is_latest = 1", [key])?,
+                ),
+            };
+            if let Some(a) = artifacts.into_iter().next() {
+                return Ok(Entry::Artifact(a));
+            }
+            if let Some(c) = collections.into_iter().next() {
+                return Ok(Entry::Collection(c));
+            }
+            Err(Error::not_found(match uid {
+                Some(uid) => format!("no version '{uid}' of key '{key}'"),
+                None => format!("no artifact or collection with key '{key}'"),
+            }))
+        })
+    }
+
+    fn artifacts(&self, uids: &[String]) -> Result<Vec<ArtifactRecord>> {
+        self.read(|conn| {
+            uids.iter()
+                .map(|uid| {
+                    artifact_where(conn, "uid = ?1", [uid])?
+                        .pop()
+                        .ok_or_else(|| Error::not_found(format!("no artifact with uid '{uid}'")))
+                })
+                .collect()
+        })
+    }
+
+    fn list(&self, filter: &RecordFilter) -> Result<Vec<Entry>> {
+        self.read(|conn| {
+            let mut entries: Vec<Entry> = artifact_where(
+                conn,
+                "is_latest = 1 AND (?1 IS NULL OR suffix = ?1) AND (?2 IS NULL OR otype = ?2) ORDER BY key",
+                params![filter.suffix, filter.otype],
+            )?
+            .into_iter()
+            .filter(|a| filter.matches_key(&a.key))
+            .map(Entry::Artifact)
+            .collect();
+            if !filter.is_artifact_only() {
+                entries.extend(
+                    collection_where(conn, "is_latest = 1 ORDER BY key", [])?
+                        .into_iter()
+                        .filter(|c| filter.matches_key(&c.key))
+                        .map(Entry::Collection),
+                );
+                entries.sort_by(|a, b| a.key().cmp(b.key()));
+            }
+            Ok(entries)
+        })
+    }
+
+    fn versions(&self, key: &str) -> Result<Vec<Entry>> {
+        self.read(|conn| {
+            let mut entries: Vec<Entry> = artifact_where(conn, "key = ?1 ORDER BY version", [key])?
+                .into_iter()
+                .map(Entry::Artifact)
+                .collect();
+            entries.extend(
+                collection_where(conn, "key = ?1 ORDER BY version", [key])?
+                    .into_iter()
+                    .map(Entry::Collection),
+            );
+            if entries.is_empty() {
+                return Err(Error::not_found(format!("no artifact or collection with key '{key}'")));
+            }
+            Ok(entries)
+        })
+    }
+
+    fn delete(&self, key: &str, uid: Option<&str>, permanent: bool) -> Result<Deleted> {
+        self.write(|tx| {
+            let (artifacts, collections) = match uid {
+                Some(uid) => (
+                    artifact_where(tx, "key = ?1 AND uid = ?2", [key, uid])?,
+                    collection_where(tx, "key = ?1 AND uid = ?2", [key, uid])?,
+                ),
+                None => (
+                    artifact_where(tx, "key = ?1", [key])?,
+                    collection_where(tx, "key = ?1", [key])?,
+                ),
+            };
+            if artifacts.is_empty() && collections.is_empty() {
+                return Err(Error::not_found(match uid {
+                    Some(uid) => format!("no version '{uid}' of key '{key}'"),
+                    None => format!("no artifact or collection with key '{key}'"),
+                }));
+            }
+            let when = now();
+            let mut deleted = Deleted { entries: Vec::new(), orphaned_paths: Vec::new() };
+            for artifact in artifacts {
+                if permanent {
+                    let holder: Option<String> = tx
+                        .query_row(
+                            "SELECT c.key FROM collection_members m JOIN collections c ON c.uid = m.collection_uid \
+                             WHERE m.artifact_uid = ?1 LIMIT 1",
+                            [&artifact.uid],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if let Some(holder) = holder {
+                        return Err(Error::invalid(format!(
+                            "artifact '{}' ({}) is a member of collection '{holder}'; delete the collection first",
+                            artifact.key, artifact.uid
+                        )));
+                    }
+                    tx.execute("DELETE FROM artifacts WHERE uid = ?1", [&artifact.uid])?;
+                    // Managed files are content-addressed: another record may still use the file.
+                    let users: i64 = tx.query_row(
+                        "SELECT count(*) FROM artifacts WHERE path = ?1",
+                        [&artifact.path],
+                        |r| r.get(0),
+                    )?;
+                    if artifact.managed && users == 0 {
+                        deleted.orphaned_paths.push(artifact.path.clone());
+                    }
+                } else {
+                    tx.execute(
+                        "UPDATE artifacts SET trashed_at = coalesce(trashed_at, ?2), is_latest = 0 WHERE uid = ?1",
+                        [&artifact.uid, &when],
+                    )?;
+                }
+                deleted.entries.push(Entry::Artifact(artifact));
+            }
+            for collection in collections {
+                if permanent {
+                    tx.execute("DELETE FROM collections WHERE uid = ?1", [&collection.uid])?;
+                } else {
+                    tx.execute(
+                        "UPDATE collections SET trashed_at = coalesce(trashed_at, ?2), is_latest = 0 WHERE uid = ?1",
+                        [&collection.uid, &when],
+                    )?;
+                }
+                deleted.entries.push(Entry::Collection(collection));
+            }
+            promote_latest(tx, "artifacts", key)?;
+            promote_latest(tx, "collections", key)?;
+            Ok(deleted)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_artifact(key: &str, hash: &str) -> NewArtifact {
+        NewArtifact {
+            key: key.into(),
+            description: None,
+            suffix: ".parquet".into(),
+            otype: Some("DataFrame".into()),
+            size: 10,
+            hash: hash.into(),
+            n_files: None,
+            n_observations: Some(3),
+            storage: "file:///tmp".into(),
+            path: format!("file:///tmp/{key}"),
+            managed: false,
+            trusted: false,
+        }
+    }
+
+    #[test]
+    fn versions_share_a_stem_and_move_latest() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let catalog = SqliteCatalog::open(&dir.path().join("catalog.sqlite"))?;
+        let (v1, created) = catalog.register(new_artifact("a", "h1"))?;
+        assert!(created);
+        assert_eq!(v1.uid.len(), 20);
+        assert!(v1.uid.ends_with("0000"));
+        let (same, created) = catalog.register(new_artifact("a", "h1"))?;
+        assert!(!created);
+        assert_eq!(same.uid, v1.uid);
+        let (v2, _) = catalog.register(new_artifact("a", "h2"))?;
+        assert_eq!(&v2.uid[..16], &v1.uid[..16]);
+        assert!(v2.uid.ends_with("0001"));
+        assert_eq!(v2.version, 2);
+        let Entry::Artifact(latest) = catalog.resolve("a", None)? else { panic!("not an artifact") };
+        assert_eq!(latest.uid, v2.uid);
+        let Entry::Artifact(old) = catalog.resolve("a", Some(&v1.uid))? else { panic!("not an artifact") };
+        assert!(!old.is_latest);
+        // Trashing the latest version promotes the previous one.
+        catalog.delete("a", Some(&v2.uid), false)?;
+        let Entry::Artifact(latest) = catalog.resolve("a", None)? else { panic!("not an artifact") };
+        assert_eq!(latest.uid, v1.uid);
+        Ok(())
+    }
+
+    #[test]
+    fn reopening_keeps_records() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("catalog.sqlite");
+        let (a, _) = SqliteCatalog::open(&path)?.register(new_artifact("a", "h1"))?;
+        let reopened = SqliteCatalog::open(&path)?;
+        assert_eq!(reopened.resolve("a", None)?, Entry::Artifact(a));
+        Ok(())
+    }
+
+    #[test]
+    fn concurrent_writers_do_not_fail() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let path = dir.path().join("catalog.sqlite");
+        SqliteCatalog::open(&path)?;
+        let handles: Vec<_> = (0..4)
+            .map(|w| {
+                let path = path.clone();
+                std::thread::spawn(move || -> Result<()> {
+                    // A connection per thread stands in for separate processes.
+                    let catalog = SqliteCatalog::open(&path)?;
+                    for i in 0..25 {
+                        catalog.register(new_artifact(&format!("k{}", i % 5), &format!("h{w}-{i}")))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| Error::Internal("writer panicked".into()))??;
+        }
+        let catalog = SqliteCatalog::open(&path)?;
+        let total: usize = (0..5).map(|k| catalog.versions(&format!("k{k}")).map(|v| v.len())).sum::<Result<usize>>()?;
+        assert_eq!(total, 100);
+        assert_eq!(catalog.list(&RecordFilter::default())?.len(), 5);
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The server crate's one error type. Every variant carries the context a user needs (which key,
+//! which file, which column); `service::status` turns it into a `tonic::Status` in exactly one place.
+
+use datafusion::error::DataFusionError;
+
+/// Result alias used throughout the server crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong while serving artifacts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An unknown key, uid, element or dataset path.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// Malformed input from a client: JSON, unknown fields, a bad filter, a missing column.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A path outside the allowed storage roots, or a write the caller may not make.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// The catalog database failed.
+    #[error("catalog: {0}")]
+    Catalog(#[from] rusqlite::Error),
+
+    /// Object storage failed while touching `location`.
+    #[error("storage error at {location}: {source}")]
+    Storage {
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// A local file operation failed.
+    #[error("I/O error at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file is unreadable or corrupt.
+    #[error("cannot read {location}: {message}")]
+    DataLoss { location: String, message: String },
+
+    /// Planning or executing a query failed; classified by its root cause at the service edge.
+    #[error("{0}")]
+    Query(#[from] DataFusionError),
+
+    /// A bug or an unexpected state of the server itself.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        Self::NotFound(what.into())
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>) -> Self {
+        Self::InvalidArgument(what.into())
+    }
+
+    pub(crate) fn io(path: impl std::fmt::Display, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn storage(location: impl std::fmt::Display, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => {
+                Self::NotFound(format!("no object at {location}"))
+            }
+            source => Self::Storage {
+                location: location.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// Unwraps errors that travelled through DataFusion (our providers return them as
+    /// `DataFusionError::External`), so that they keep their own classification.
+    pub fn from_datafusion(error: DataFusionError) -> Self {
+        match error {
+            DataFusionError::External(inner) => match inner.downcast::<Error>() {
+                Ok(own) => *own,
+                Err(other) => Self::Query(DataFusionError::External(other)),
+            },
+            DataFusionError::Context(context, inner) => match Self::from_datafusion(*inner) {
+                Self::Query(inner) => Self::Query(DataFusionError::Context(context, Box::new(inner))),
+                own => own,
+            },
+            other => Self::Query(other),
+        }
+    }
+}
+
+impl From<Error> for DataFusionError {
+    fn from(error: Error) -> Self {
+        DataFusionError::External(Box::new(error))
+    }
+}

@@ -1,0 +1,126 @@
+//! Parquet, CSV and Arrow IPC files, single or as folders of (hive-partitioned) shards, through
+//! DataFusion's listing tables: partition pruning, row-group and page statistics, projection and
+//! limit pushdown come from there.
+
+use std::sync::Arc;
+
+use arrow::datatypes::DataType;
+use async_trait::async_trait;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::arrow::ArrowFormat;
+use datafusion::datasource::file_format::csv::CsvFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::prelude::SessionContext;
+
+use super::Format;
+use crate::error::{Error, Result};
+use crate::storage::Located;
+
+/// The listing-table formats.
+pub struct Listing;
+
+/// pyarrow writes this for a null partition value.
+const HIVE_NULL: &str = "__HIVE_DEFAULT_PARTITION__";
+
+#[async_trait]
+impl Format for Listing {
+    fn name(&self) -> &'static str {
+        "parquet/csv/arrow"
+    }
+
+    fn claims(&self, suffix: &str) -> bool {
+        matches!(suffix, ".parquet" | ".csv" | ".arrow" | ".feather" | ".ipc")
+    }
+
+    async fn open(
+        &self,
+        ctx: &SessionContext,
+        located: &Located,
+        element: &[String],
+    ) -> Result<Arc<dyn TableProvider>> {
+        if let Some(first) = element.first() {
+            return Err(Error::not_found(format!(
+                "element '{first}' does not exist: '{}' is a table without elements",
+                located.url
+            )));
+        }
+        let ext = super::format_suffix(located, "");
+        let state = ctx.state();
+        let format: Arc<dyn FileFormat> = match ext.as_str() {
+            // Built from the session's options, so that pruning and page-index settings apply.
+            ".parquet" => Arc::new(
+                ParquetFormat::default()
+                    .with_options(state.table_options().parquet.clone()),
+            ),
+            ".csv" => Arc::new(CsvFormat::default().with_has_header(true)),
+            _ => Arc::new(ArrowFormat),
+        };
+        let partitions = if located.is_folder { hive_partitions(located)? } else { Vec::new() };
+        let table_url = ListingTableUrl::parse(located.url.as_str()).map_err(Error::from_datafusion)?;
+        let options = ListingOptions::new(format)
+            .with_file_extension(ext)
+            .with_table_partition_cols(partitions)
+            .with_collect_stat(true)
+            .with_target_partitions(state.config().target_partitions());
+        let schema = options
+            .infer_schema(&state, &table_url)
+            .await
+            .map_err(|e| read_error(located, e))?;
+        let config = ListingTableConfig::new(table_url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        let table = ListingTable::try_new(config).map_err(|e| read_error(located, e))?;
+        Ok(Arc::new(table))
+    }
+}
+
+fn read_error(located: &Located, e: datafusion::error::DataFusionError) -> Error {
+    match Error::from_datafusion(e) {
+        Error::Query(e) => Error::DataLoss {
+            location: located.url.to_string(),
+            message: e.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// Partition columns from `key=value` folder names, typed as pyarrow.dataset infers them:
+/// Int32 when every value is an integer that fits, else Utf8.
+fn hive_partitions(located: &Located) -> Result<Vec<(String, DataType)>> {
+    let mut columns: Option<Vec<(String, bool)>> = None;
+    for file in &located.files {
+        let rel = located.relative(file);
+        let dirs: Vec<&str> = rel.split('/').collect();
+        let pairs: Vec<(&str, &str)> = dirs[..dirs.len().saturating_sub(1)]
+            .iter()
+            .filter_map(|d| d.split_once('='))
+            .collect();
+        match &mut columns {
+            None => {
+                columns = Some(pairs.iter().map(|(k, v)| (k.to_string(), is_int32(v))).collect());
+            }
+            Some(known) => {
+                if known.len() != pairs.len() || known.iter().zip(&pairs).any(|((k, _), (k2, _))| k != k2) {
+                    return Err(Error::invalid(format!(
+                        "'{}' mixes partition layouts: '{rel}' does not follow the others",
+                        located.url
+                    )));
+                }
+                for ((_, int), (_, v)) in known.iter_mut().zip(&pairs) {
+                    *int &= is_int32(v);
+                }
+            }
+        }
+    }
+    Ok(columns
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, int)| (name, if int { DataType::Int32 } else { DataType::Utf8 }))
+        .collect())
+}
+
+fn is_int32(value: &str) -> bool {
+    value == HIVE_NULL || value.parse::<i32>().is_ok()
+}

@@ -1,0 +1,102 @@
+//! One module per format. Each turns a located artifact into a DataFusion [`TableProvider`], so
+//! planning, pushdown and streaming above it are shared. Adding a format is adding a module and
+//! one line in [`FORMATS`].
+
+mod listing;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::catalog::TableProvider;
+use datafusion::common::stats::Precision;
+use datafusion::prelude::SessionContext;
+
+use crate::error::{Error, Result};
+use crate::storage::Located;
+pub use listing::Listing;
+
+/// What registration learns about an artifact by opening it.
+#[derive(Debug, Clone, Default)]
+pub struct Inspection {
+    pub otype: Option<String>,
+    pub n_observations: Option<u64>,
+}
+
+/// A readable format.
+#[async_trait]
+pub trait Format: Send + Sync {
+    /// A short name for messages.
+    fn name(&self) -> &'static str;
+
+    /// Whether this format reads artifacts with `suffix` (for a folder of shards, `""`, the
+    /// suffix of its files is passed).
+    fn claims(&self, suffix: &str) -> bool;
+
+    /// Opens `element` of the artifact (empty: its main table) as a table provider.
+    async fn open(
+        &self,
+        ctx: &SessionContext,
+        located: &Located,
+        element: &[String],
+    ) -> Result<Arc<dyn TableProvider>>;
+
+    /// What registration records: the object type and the number of observations, where known
+    /// without a full scan.
+    async fn inspect(&self, ctx: &SessionContext, located: &Located) -> Result<Inspection> {
+        let table = self.open(ctx, located, &[]).await?;
+        let plan = table.scan(&ctx.state(), None, &[], None).await.map_err(Error::from_datafusion)?;
+        let rows = match plan.partition_statistics(None).map(|s| s.num_rows) {
+            Ok(Precision::Exact(n)) => Some(n as u64),
+            _ => None,
+        };
+        Ok(Inspection {
+            otype: Some("DataFrame".into()),
+            n_observations: rows,
+        })
+    }
+}
+
+/// Every format this build reads.
+pub static FORMATS: &[&dyn Format] = &[&Listing];
+
+/// The suffix recorded for an artifact: the file's extension, `.zarr` for a zarr store, or `""` for
+/// a plain folder of shards.
+pub fn artifact_suffix(located: &Located) -> String {
+    let name = located
+        .url
+        .path_segments()
+        .and_then(|s| s.filter(|s| !s.is_empty()).last().map(str::to_string))
+        .unwrap_or_default();
+    match name.rfind('.') {
+        Some(dot) if !located.is_folder || name.ends_with(".zarr") => name[dot..].to_ascii_lowercase(),
+        _ => String::new(),
+    }
+}
+
+/// The suffix that picks the format: the artifact's own, or for a folder its files' most common one.
+fn format_suffix(located: &Located, suffix: &str) -> String {
+    if !suffix.is_empty() {
+        return suffix.to_string();
+    }
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for file in &located.files {
+        if let Some(ext) = file.location.extension() {
+            *counts.entry(format!(".{}", ext.to_ascii_lowercase())).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(ext, _)| ext)
+        .unwrap_or_default()
+}
+
+/// The format that reads `located`.
+pub fn format_for(located: &Located, suffix: &str) -> Result<&'static dyn Format> {
+    let suffix = format_suffix(located, suffix);
+    FORMATS
+        .iter()
+        .copied()
+        .find(|f| f.claims(&suffix))
+        .ok_or_else(|| Error::invalid(format!("no reader for '{}' (suffix '{suffix}')", located.url)))
+}

@@ -1,0 +1,88 @@
+//! artiflight's server library.
+//!
+//! A request flows `service` (Flight edge) -> `query` (command to DataFusion plan) -> `catalog`
+//! (key to record) -> `formats` (record to table provider) -> `storage` (object stores), and the
+//! plan's record batches stream back through the service. See `DESIGN.md`-style notes in each
+//! module.
+//!
+//! ```no_run
+//! # async fn run() -> artiflight_server::error::Result<()> {
+//! use artiflight_server::{Server, ServerOptions};
+//! let server = Server::open(&ServerOptions::new("./artiflight-data"))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8815").await.map_err(|e| artiflight_server::error::Error::io("bind", e))?;
+//! server.serve(listener, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod catalog;
+pub mod error;
+pub mod formats;
+pub mod query;
+pub mod registry;
+pub mod service;
+pub mod storage;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::catalog::Catalog;
+use crate::error::Result;
+use crate::query::{Planner, session_config};
+use crate::registry::Registry;
+use crate::service::FlightEndpoint;
+use crate::storage::Storage;
+
+/// How to open a server's state.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Holds `catalog.sqlite` and managed storage (`objects/`).
+    pub data_dir: PathBuf,
+    /// Extra roots the server may read (local directories or URLs).
+    pub allow_roots: Vec<String>,
+    /// How many partitions (and so endpoints) a scan may split into.
+    pub target_partitions: usize,
+}
+
+impl ServerOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            allow_roots: Vec::new(),
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+        }
+    }
+}
+
+/// A server's state: catalog, storage, planner and registry.
+#[derive(Clone)]
+pub struct Server {
+    registry: Registry,
+}
+
+impl Server {
+    /// Opens (creating if needed) the data dir and its catalog.
+    pub fn open(options: &ServerOptions) -> Result<Self> {
+        let storage = Arc::new(Storage::new(&options.data_dir, &options.allow_roots)?);
+        let catalog = Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?;
+        let planner = Planner::new(catalog, storage, session_config(options.target_partitions));
+        Ok(Self {
+            registry: Registry::new(planner),
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn planner(&self) -> &Planner {
+        self.registry.planner()
+    }
+
+    /// Serves Flight on `listener` until `shutdown` resolves.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        service::serve(listener, FlightEndpoint::new(self.registry.clone()), shutdown).await
+    }
+}

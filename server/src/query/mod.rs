@@ -1,0 +1,11 @@
+//! From a command to a DataFusion plan: resolve the key (or query set) in the catalog, open each
+//! artifact through its format's table provider, apply filter, columns and limit, and plan. The
+//! plan's output partitions become the flight's endpoints.
+
+mod command;
+mod plan;
+mod ticket;
+
+pub use command::{Command, Layout};
+pub use plan::{Planned, Planner, Resolved, session_config, unify_schemas};
+pub use ticket::TicketSpec;

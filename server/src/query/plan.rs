@@ -1,0 +1,287 @@
+//! Planning commands over table providers.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::common::stats::Precision;
+use datafusion::common::{Column, ScalarValue};
+use datafusion::datasource::ViewTable;
+use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::{Expr, lit};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use url::Url;
+
+use super::Command;
+use crate::catalog::{ArtifactRecord, Catalog, Entry};
+use crate::error::{Error, Result};
+use crate::formats;
+use crate::storage::Storage;
+
+/// The DataFusion settings every plan runs with.
+///
+/// Pyarrow-compatible types (no view types), file metadata kept (pandas' index metadata), parquet
+/// filters evaluated during decoding, and no round-robin repartitioning, so that partitions, and
+/// thus endpoints, keep the files' row order.
+pub fn session_config(target_partitions: usize) -> SessionConfig {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(target_partitions.max(1))
+        .with_round_robin_repartition(false)
+        .with_collect_statistics(true);
+    let options = config.options_mut();
+    options.execution.parquet.skip_metadata = false;
+    options.execution.parquet.schema_force_view_types = false;
+    options.execution.parquet.pushdown_filters = true;
+    options.execution.parquet.reorder_filters = true;
+    options.sql_parser.map_string_types_to_utf8view = false;
+    config
+}
+
+/// Plans commands against the catalog and storage.
+#[derive(Clone)]
+pub struct Planner {
+    catalog: Catalog,
+    storage: Arc<Storage>,
+    runtime: Arc<RuntimeEnv>,
+    config: SessionConfig,
+}
+
+/// What a command names: the catalog entry (none for a query set) and the artifacts to read, in
+/// table order.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub entry: Option<Entry>,
+    pub sources: Vec<ArtifactRecord>,
+}
+
+/// A physical plan, ready to execute one partition at a time.
+pub struct Planned {
+    pub plan: Arc<dyn ExecutionPlan>,
+    pub task: Arc<TaskContext>,
+}
+
+impl Planned {
+    pub fn schema(&self) -> SchemaRef {
+        self.plan.schema()
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.plan.output_partitioning().partition_count()
+    }
+
+    /// `(total_records, total_bytes)`, each -1 unless known exactly without a scan.
+    pub fn totals(&self) -> (i64, i64) {
+        let exact = |p: &Precision<usize>| match p {
+            Precision::Exact(n) => i64::try_from(*n).unwrap_or(-1),
+            _ => -1,
+        };
+        match self.plan.partition_statistics(None) {
+            Ok(stats) => (exact(&stats.num_rows), exact(&stats.total_byte_size)),
+            Err(_) => (-1, -1),
+        }
+    }
+}
+
+impl Planner {
+    pub fn new(catalog: Catalog, storage: Arc<Storage>, config: SessionConfig) -> Self {
+        Self {
+            catalog,
+            storage,
+            runtime: Arc::new(RuntimeEnv::default()),
+            config,
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// A fresh session sharing the runtime (object stores, memory pool).
+    pub fn session(&self) -> SessionContext {
+        SessionContext::new_with_config_rt(self.config.clone(), Arc::clone(&self.runtime))
+    }
+
+    /// Looks up what the command names.
+    pub async fn resolve(&self, command: &Command) -> Result<Resolved> {
+        if let Some(query) = &command.query {
+            let query = query.clone();
+            let sources: Vec<ArtifactRecord> = self
+                .catalog
+                .run(move |c| c.list(&query))
+                .await?
+                .into_iter()
+                .filter_map(|e| match e {
+                    Entry::Artifact(a) => Some(a),
+                    Entry::Collection(_) => None,
+                })
+                .collect();
+            if sources.is_empty() {
+                return Err(Error::not_found("no artifact matches the query"));
+            }
+            return Ok(Resolved { entry: None, sources });
+        }
+        let key = command.key.clone().unwrap_or_default();
+        let version = command.version.clone();
+        let entry = self.catalog.run(move |c| c.resolve(&key, version.as_deref())).await?;
+        let sources = match &entry {
+            Entry::Artifact(a) => vec![a.clone()],
+            Entry::Collection(c) => {
+                let uids = c.members.clone();
+                self.catalog.run(move |c| c.artifacts(&uids)).await?
+            }
+        };
+        Ok(Resolved { entry: Some(entry), sources })
+    }
+
+    /// The artifacts a ticket names.
+    pub async fn sources(&self, uids: Vec<String>) -> Result<Vec<ArtifactRecord>> {
+        if uids.is_empty() {
+            return Err(Error::invalid("ticket names no artifact"));
+        }
+        self.catalog.run(move |c| c.artifacts(&uids)).await
+    }
+
+    /// Opens one artifact's element as a table, checking that the server may read it.
+    pub async fn open(
+        &self,
+        ctx: &SessionContext,
+        record: &ArtifactRecord,
+        element: &[String],
+    ) -> Result<Arc<dyn TableProvider>> {
+        let url = Url::parse(&record.path)
+            .map_err(|e| Error::Internal(format!("record {} has an invalid path: {e}", record.uid)))?;
+        if !record.trusted {
+            self.storage.check_allowed(&url)?;
+        }
+        let located = self.storage.locate(&url).await.map_err(|e| match e {
+            Error::NotFound(message) => Error::DataLoss {
+                location: format!("artifact '{}' ({})", record.key, record.uid),
+                message,
+            },
+            other => other,
+        })?;
+        if url.scheme() != "file" {
+            self.runtime.register_object_store(&url, Arc::clone(&located.store));
+        }
+        formats::format_for(&located, &record.suffix)?
+            .open(ctx, &located, element)
+            .await
+    }
+
+    /// The table of several artifacts: their union in order, columns unified by name.
+    pub async fn union(
+        &self,
+        ctx: &SessionContext,
+        sources: &[ArtifactRecord],
+        element: &[String],
+    ) -> Result<Arc<dyn TableProvider>> {
+        let mut tables = Vec::with_capacity(sources.len());
+        for source in sources {
+            tables.push((source.key.clone(), self.open(ctx, source, element).await?));
+        }
+        if tables.len() == 1 {
+            return Ok(tables.remove(0).1);
+        }
+        let schemas: Vec<(String, SchemaRef)> = tables.iter().map(|(k, t)| (k.clone(), t.schema())).collect();
+        let unified = unify_schemas(&schemas)?;
+        let mut union: Option<DataFrame> = None;
+        for (_, table) in tables {
+            let member = table.schema();
+            let columns: Vec<Expr> = unified
+                .fields()
+                .iter()
+                .map(|field| {
+                    if member.index_of(field.name()).is_ok() {
+                        Ok(Expr::Column(Column::new_unqualified(field.name())))
+                    } else {
+                        let null = ScalarValue::try_from(field.data_type()).map_err(Error::from_datafusion)?;
+                        Ok(lit(null).alias(field.name()))
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let df = ctx.read_table(table).map_err(Error::from_datafusion)?;
+            let df = df.select(columns).map_err(Error::from_datafusion)?;
+            union = Some(match union {
+                None => df,
+                Some(u) => u.union(df).map_err(Error::from_datafusion)?,
+            });
+        }
+        let plan = union
+            .ok_or_else(|| Error::invalid("nothing to read"))?
+            .into_unoptimized_plan();
+        Ok(Arc::new(ViewTable::new(plan, None)))
+    }
+
+    /// Plans the command over `sources`.
+    pub async fn plan(&self, command: &Command, sources: &[ArtifactRecord]) -> Result<Planned> {
+        if let Some(option) = command.matrix_options() {
+            return Err(Error::invalid(format!(
+                "'{option}' applies to AnnData matrix elements only"
+            )));
+        }
+        let ctx = self.session();
+        let table = self.union(&ctx, sources, &command.element).await?;
+        let mut df = ctx.read_table(table).map_err(Error::from_datafusion)?;
+        if let Some(filter) = &command.filter {
+            let expr = ctx
+                .parse_sql_expr(filter, df.schema())
+                .map_err(|e| Error::invalid(format!("invalid filter '{filter}': {}", e.strip_backtrace())))?;
+            df = df
+                .filter(expr)
+                .map_err(|e| Error::invalid(format!("invalid filter '{filter}': {}", e.strip_backtrace())))?;
+        }
+        if let Some(columns) = &command.columns {
+            let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+            df = df
+                .select_columns(&names)
+                .map_err(|e| Error::invalid(format!("invalid columns: {}", e.strip_backtrace())))?;
+        }
+        if let Some(limit) = command.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            df = df.limit(0, Some(limit)).map_err(Error::from_datafusion)?;
+        }
+        let task = Arc::new(df.task_ctx());
+        let plan = df.create_physical_plan().await.map_err(Error::from_datafusion)?;
+        Ok(Planned { plan, task })
+    }
+}
+
+/// Unifies member schemas by column name, in the first member's column order, then new columns
+/// as they appear. A column missing from a member is nullable; the same column with two types is an
+/// error naming the member and the column.
+pub fn unify_schemas(members: &[(String, SchemaRef)]) -> Result<SchemaRef> {
+    let mut fields: Vec<Field> = Vec::new();
+    for (key, schema) in members {
+        for field in schema.fields() {
+            match fields.iter_mut().find(|f| f.name() == field.name()) {
+                Some(known) if known.data_type() != field.data_type() => {
+                    return Err(Error::invalid(format!(
+                        "column '{}' of member '{key}' is {}, but an earlier member has {}",
+                        field.name(),
+                        field.data_type(),
+                        known.data_type()
+                    )));
+                }
+                Some(known) => {
+                    if field.is_nullable() {
+                        known.set_nullable(true);
+                    }
+                }
+                None => fields.push(field.as_ref().clone()),
+            }
+        }
+    }
+    for field in fields.iter_mut() {
+        if members.iter().any(|(_, s)| s.index_of(field.name()).is_err()) {
+            field.set_nullable(true);
+        }
+    }
+    let metadata = members.first().map(|(_, s)| s.metadata().clone()).unwrap_or_default();
+    Ok(Arc::new(Schema::new_with_metadata(fields, metadata)))
+}

@@ -1,0 +1,50 @@
+//! Tickets: self-contained protobuf messages naming a command, the artifact versions it resolved
+//! to, and one partition of its plan.
+
+use artiflight_proto::{TICKET_VERSION, Ticket};
+use prost::Message;
+
+use super::Command;
+use crate::error::{Error, Result};
+
+/// A decoded, validated ticket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TicketSpec {
+    pub command: Command,
+    pub uids: Vec<String>,
+    pub partition: usize,
+    pub partition_count: usize,
+}
+
+impl TicketSpec {
+    pub fn encode(&self) -> Vec<u8> {
+        Ticket {
+            version: TICKET_VERSION,
+            command: self.command.to_json(),
+            uids: self.uids.clone(),
+            partition: self.partition as u32,
+            partition_count: self.partition_count as u32,
+        }
+        .encode_to_vec()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let ticket = Ticket::decode(bytes).map_err(|e| Error::invalid(format!("malformed ticket: {e}")))?;
+        if ticket.version != TICKET_VERSION {
+            return Err(Error::invalid(format!(
+                "ticket version {} is not supported (this server reads version {TICKET_VERSION}); \
+                 ask GetFlightInfo for a new ticket",
+                ticket.version
+            )));
+        }
+        if ticket.partition >= ticket.partition_count {
+            return Err(Error::invalid("malformed ticket: partition out of range"));
+        }
+        Ok(Self {
+            command: Command::from_json(ticket.command.as_bytes())?,
+            uids: ticket.uids,
+            partition: ticket.partition as usize,
+            partition_count: ticket.partition_count as usize,
+        })
+    }
+}

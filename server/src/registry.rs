@@ -1,0 +1,191 @@
+//! The write side: registering artifacts, making collections, storing uploads and deleting.
+//! Shared by the Flight actions and the command line (which registers directly, as the operator).
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use futures::{Stream, StreamExt};
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use url::Url;
+
+use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
+use crate::error::{Error, Result};
+use crate::formats;
+use crate::query::{Planner, unify_schemas};
+
+/// Writes to the catalog and managed storage.
+#[derive(Clone)]
+pub struct Registry {
+    planner: Planner,
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > 1024 || key.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "invalid key {key:?}: expected 1 to 1024 printable characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn new(planner: Planner) -> Self {
+        Self { planner }
+    }
+
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// Registers the file or folder at `location` (a path or URL) under `key`. `trusted` is for the
+    /// operator's own command line: it may register outside the allowed roots.
+    ///
+    /// Returns the record and whether it is new; content already registered returns its record.
+    pub async fn register(
+        &self,
+        location: &str,
+        key: &str,
+        description: Option<String>,
+        trusted: bool,
+    ) -> Result<(ArtifactRecord, bool)> {
+        check_key(key)?;
+        let storage = self.planner.storage();
+        let url = storage.resolve(location, !trusted)?;
+        self.register_url(url, key, description, trusted, false).await
+    }
+
+    async fn register_url(
+        &self,
+        url: Url,
+        key: &str,
+        description: Option<String>,
+        trusted: bool,
+        managed: bool,
+    ) -> Result<(ArtifactRecord, bool)> {
+        let storage = self.planner.storage();
+        let located = storage.locate(&url).await?;
+        let suffix = formats::artifact_suffix(&located);
+        let format = formats::format_for(&located, &suffix)?;
+        let ctx = self.planner.session();
+        let inspection = format.inspect(&ctx, &located).await?;
+        let hash = storage.hash(&located).await?;
+        let new = NewArtifact {
+            key: key.to_string(),
+            description,
+            suffix,
+            otype: inspection.otype,
+            size: located.size(),
+            hash,
+            n_files: located.is_folder.then_some(located.files.len() as u64),
+            n_observations: inspection.n_observations,
+            storage: storage.storage_root(&url),
+            path: url.to_string(),
+            managed,
+            trusted,
+        };
+        let (record, created) = self.planner.catalog().run(move |c| c.register(new)).await?;
+        tracing::info!(key, uid = %record.uid, created, "registered");
+        Ok((record, created))
+    }
+
+    /// Makes a collection of the latest versions of `members`, refusing members whose columns clash.
+    pub async fn create_collection(
+        &self,
+        key: &str,
+        members: Vec<String>,
+        description: Option<String>,
+    ) -> Result<(CollectionRecord, bool)> {
+        check_key(key)?;
+        let ctx = self.planner.session();
+        let mut schemas = Vec::with_capacity(members.len());
+        for member in &members {
+            let name = member.clone();
+            let entry = self.planner.catalog().run(move |c| c.resolve(&name, None)).await?;
+            let Entry::Artifact(record) = entry else {
+                return Err(Error::invalid(format!("member '{member}' is a collection, not an artifact")));
+            };
+            let table = self.planner.open(&ctx, &record, &[]).await?;
+            schemas.push((member.clone(), table.schema()));
+        }
+        unify_schemas(&schemas)?;
+        let key = key.to_string();
+        self.planner
+            .catalog()
+            .run(move |c| c.create_collection(&key, &members, description))
+            .await
+    }
+
+    /// Stores a stream of record batches as a parquet artifact in managed storage.
+    pub async fn put<S>(
+        &self,
+        key: &str,
+        description: Option<String>,
+        schema: SchemaRef,
+        mut batches: S,
+    ) -> Result<(ArtifactRecord, bool)>
+    where
+        S: Stream<Item = Result<RecordBatch>> + Unpin,
+    {
+        check_key(key)?;
+        let dir = self.planner.storage().managed_dir();
+        let upload = dir.join(format!(".upload-{:016x}.parquet", rand::random::<u64>()));
+        let written = async {
+            let file = tokio::fs::File::create(&upload)
+                .await
+                .map_err(|e| Error::io(upload.display(), e))?;
+            let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+            let mut writer = AsyncArrowWriter::try_new(file, schema, Some(props))
+                .map_err(|e| Error::invalid(format!("cannot write this schema as parquet: {e}")))?;
+            while let Some(batch) = batches.next().await {
+                writer
+                    .write(&batch?)
+                    .await
+                    .map_err(|e| Error::invalid(format!("cannot write batch: {e}")))?;
+            }
+            writer
+                .close()
+                .await
+                .map_err(|e| Error::Internal(format!("cannot finish upload: {e}")))?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&upload).await;
+            return Err(e);
+        }
+        let upload_url = Url::from_file_path(&upload)
+            .map_err(|_| Error::Internal(format!("bad upload path {}", upload.display())))?;
+        let storage = self.planner.storage();
+        let hash = storage.hash(&storage.locate(&upload_url).await?).await?;
+        // Content-addressed: the same upload twice is one file.
+        let target = dir.join(format!("{hash}.parquet"));
+        tokio::fs::rename(&upload, &target)
+            .await
+            .map_err(|e| Error::io(target.display(), e))?;
+        let url = Url::from_file_path(&target)
+            .map_err(|_| Error::Internal(format!("bad managed path {}", target.display())))?;
+        self.register_url(url, key, description, true, true).await
+    }
+
+    /// Trashes or deletes one version or all versions of `key`; managed files no record uses
+    /// any more are removed. Files outside managed storage are never touched.
+    pub async fn delete(&self, key: &str, version: Option<String>, permanent: bool) -> Result<Vec<Entry>> {
+        let key = key.to_string();
+        let deleted = self
+            .planner
+            .catalog()
+            .run(move |c| c.delete(&key, version.as_deref(), permanent))
+            .await?;
+        let managed = self.planner.storage().managed_dir();
+        for path in deleted.orphaned_paths {
+            if let Some(file) = Url::parse(&path).ok().and_then(|u| u.to_file_path().ok())
+                && file.starts_with(&managed)
+                && let Err(e) = tokio::fs::remove_file(&file).await
+            {
+                tracing::warn!(file = %file.display(), error = %e, "could not remove managed file");
+            }
+        }
+        Ok(deleted.entries)
+    }
+}

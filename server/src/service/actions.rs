@@ -1,0 +1,101 @@
+//! DoAction bodies (SPEC section 8): JSON in, the record (or list of records) as JSON out.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::catalog::Entry;
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+
+/// Every action, with the description ListActions shows.
+pub(crate) const ACTIONS: &[(&str, &str)] = &[
+    ("register", r#"Register a file or folder: {"path", "key", "description"?}"#),
+    ("create_collection", r#"Make a collection: {"key", "members": [KEY, ...], "description"?}"#),
+    ("describe", r#"The record of a key: {"key", "version"?}"#),
+    ("list_versions", r#"Every version of a key: {"key"}"#),
+    ("delete", r#"Trash (or with "permanent", delete) a key or one version: {"key", "version"?, "permanent"?}"#),
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Register {
+    path: String,
+    key: String,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCollection {
+    key: String,
+    members: Vec<String>,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyVersion {
+    key: String,
+    version: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Key {
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Delete {
+    key: String,
+    version: Option<String>,
+    #[serde(default)]
+    permanent: bool,
+}
+
+fn parse<'a, T: Deserialize<'a>>(action: &str, body: &'a [u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("invalid body for action '{action}': {e}")))
+}
+
+/// Runs one action. Whether the caller may write is checked by the service before this.
+pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Result<Value> {
+    let catalog = registry.planner().catalog();
+    match action {
+        "register" => {
+            let r: Register = parse(action, body)?;
+            let (record, _) = registry.register(&r.path, &r.key, r.description, false).await?;
+            Ok(Entry::Artifact(record).to_json())
+        }
+        "create_collection" => {
+            let r: CreateCollection = parse(action, body)?;
+            let (record, _) = registry.create_collection(&r.key, r.members, r.description).await?;
+            Ok(Entry::Collection(record).to_json())
+        }
+        "describe" => {
+            let r: KeyVersion = parse(action, body)?;
+            let entry = catalog.run(move |c| c.resolve(&r.key, r.version.as_deref())).await?;
+            Ok(entry.to_json())
+        }
+        "list_versions" => {
+            let r: Key = parse(action, body)?;
+            let versions = catalog.run(move |c| c.versions(&r.key)).await?;
+            Ok(Value::Array(versions.iter().map(Entry::to_json).collect()))
+        }
+        "delete" => {
+            let r: Delete = parse(action, body)?;
+            let single = r.version.is_some();
+            let deleted = registry.delete(&r.key, r.version, r.permanent).await?;
+            let mut records: Vec<Value> = deleted.iter().map(Entry::to_json).collect();
+            Ok(if single && records.len() == 1 { records.remove(0) } else { json!(records) })
+        }
+        other => Err(Error::invalid(format!(
+            "unknown action '{other}'; ListActions lists the actions this server runs"
+        ))),
+    }
+}
+
+/// Whether an action changes the catalog (and so needs write permission).
+pub(crate) fn is_write(action: &str) -> bool {
+    !matches!(action, "describe" | "list_versions")
+}

@@ -1,0 +1,35 @@
+//! The gRPC edge: Arrow Flight (and later Flight SQL) over tonic. Decodes descriptors and tickets,
+//! calls the query planner and the registry, and converts errors to statuses in one place.
+
+mod actions;
+mod flight;
+mod status;
+
+use std::future::Future;
+
+use arrow_flight::flight_service_server::FlightServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use flight::FlightEndpoint;
+
+use crate::error::{Error, Result};
+
+/// Largest message a client may send (DoPut batches).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Serves Flight on `listener` until `shutdown` resolves; in-flight streams are then finished.
+pub async fn serve(
+    listener: TcpListener,
+    endpoint: FlightEndpoint,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let service = FlightServiceServer::new(endpoint)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("server failed: {e}")))
+}

@@ -1,0 +1,76 @@
+//! The one conversion from [`Error`] to `tonic::Status` (SPEC section 6).
+//!
+//! User errors name the key, column or parse error; internal errors are logged with their chain
+//! and returned without the server's internals.
+
+use arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use tonic::Status;
+
+use crate::error::Error;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::NotFound(m) => Status::not_found(m),
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::DataLoss { .. } => {
+                tracing::error!(%error, "unreadable data");
+                Status::data_loss(error.to_string())
+            }
+            Error::Query(e) => classify(e),
+            Error::Catalog(_) | Error::Storage { .. } | Error::Io { .. } | Error::Internal(_) => {
+                tracing::error!(error = ?error, "internal error");
+                Status::internal(error.to_string())
+            }
+        }
+    }
+}
+
+/// Classifies a DataFusion error by its root cause: the user's SQL or columns are
+/// INVALID_ARGUMENT, a failing read is INTERNAL.
+fn classify(error: DataFusionError) -> Status {
+    let message = error.strip_backtrace();
+    match error.find_root() {
+        DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::SQL(..)
+        | DataFusionError::NotImplemented(_) => Status::invalid_argument(message),
+        DataFusionError::ArrowError(e, _)
+            if matches!(
+                e.as_ref(),
+                ArrowError::CastError(_)
+                    | ArrowError::ParseError(_)
+                    | ArrowError::InvalidArgumentError(_)
+                    | ArrowError::DivideByZero
+                    | ArrowError::ArithmeticOverflow(_)
+            ) =>
+        {
+            Status::invalid_argument(message)
+        }
+        DataFusionError::ResourcesExhausted(_) => Status::resource_exhausted(message),
+        DataFusionError::ParquetError(_) => {
+            tracing::error!(error = %message, "corrupt parquet");
+            Status::data_loss(message)
+        }
+        _ => {
+            tracing::error!(error = %message, "query failed");
+            Status::internal(message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn external_errors_keep_their_class() {
+        let wrapped = DataFusionError::External(Box::new(Error::not_found("no key 'x'")));
+        assert_eq!(Status::from(Error::from_datafusion(wrapped)).code(), Code::NotFound);
+        let plan = DataFusionError::Plan("No field named nope".into());
+        assert_eq!(Status::from(Error::from_datafusion(plan)).code(), Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,497 @@
+//! Command-line definitions and their implementations.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use artiflight_client::{Client, Request};
+use artiflight_server::catalog::{Entry, RecordFilter};
+use artiflight_server::{Server, ServerOptions};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const DEFAULT_SERVER: &str = "grpc://127.0.0.1:8815";
+
+/// Serve scientific data artifacts (parquet, AnnData, HDF5, zarr) over Arrow Flight.
+#[derive(Parser, Debug)]
+#[command(name = "artiflight", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Directory holding the catalog (catalog.sqlite) and managed storage (objects/).
+    #[arg(long, global = true, env = "ARTIFLIGHT_DATA_DIR", default_value = "./artiflight-data")]
+    data_dir: PathBuf,
+    /// A running server to talk to (for example grpc://127.0.0.1:8815); `get` defaults to it,
+    /// other commands use the catalog directly unless it is given.
+    #[arg(long, global = true, env = "ARTIFLIGHT_SERVER")]
+    server: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the Flight server.
+    Serve(Serve),
+    /// Register a file or folder (local path or URL) as an artifact.
+    Register {
+        /// Path or URL of the file or folder.
+        path: String,
+        /// Key to register it under; new content under a known key makes a new version.
+        #[arg(long, env = "ARTIFLIGHT_KEY")]
+        key: String,
+        #[arg(long, env = "ARTIFLIGHT_DESCRIPTION")]
+        description: Option<String>,
+    },
+    /// Manage collections.
+    #[command(subcommand)]
+    Collection(CollectionCommand),
+    /// List the latest artifacts and collections.
+    Ls {
+        #[arg(long, env = "ARTIFLIGHT_SUFFIX")]
+        suffix: Option<String>,
+        #[arg(long, env = "ARTIFLIGHT_OTYPE")]
+        otype: Option<String>,
+    },
+    /// Show a record and its file tree.
+    Show {
+        key: String,
+        /// A version's uid instead of the latest.
+        #[arg(long, env = "ARTIFLIGHT_VERSION")]
+        version: Option<String>,
+    },
+    /// Read a flight: print the first rows, or write .parquet, .arrow or .csv.
+    Get(Get),
+    /// Move a key (or one version) to the trash, or delete its record.
+    Delete {
+        key: String,
+        #[arg(long, env = "ARTIFLIGHT_VERSION")]
+        version: Option<String>,
+        /// Delete the record instead of trashing it (files outside managed storage stay).
+        #[arg(long, env = "ARTIFLIGHT_PERMANENT")]
+        permanent: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CollectionCommand {
+    /// Make a collection of the latest versions of the member keys, in order.
+    Create {
+        key: String,
+        #[arg(required = true)]
+        members: Vec<String>,
+        #[arg(long, env = "ARTIFLIGHT_DESCRIPTION")]
+        description: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Serve {
+    /// Address to listen on; port 0 picks a free port (printed on start).
+    #[arg(long, env = "ARTIFLIGHT_ADDR", default_value = "127.0.0.1:8815")]
+    addr: String,
+    /// Register the bundled demo data first.
+    #[arg(long, env = "ARTIFLIGHT_DEMO")]
+    demo: bool,
+    /// Another root the server may read (a directory or URL); repeatable.
+    #[arg(long = "allow-root", env = "ARTIFLIGHT_ALLOW_ROOT", value_delimiter = ',')]
+    allow_roots: Vec<String>,
+    /// How many partitions (endpoints) a scan may split into; default: the number of cores.
+    #[arg(long, env = "ARTIFLIGHT_TARGET_PARTITIONS")]
+    target_partitions: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct Get {
+    key: String,
+    /// Element path, e.g. `X` or `layers/counts`.
+    #[arg(long, env = "ARTIFLIGHT_ELEMENT")]
+    element: Option<String>,
+    /// SQL boolean expression, e.g. "louvain = 3 AND n_genes > 700".
+    #[arg(long, env = "ARTIFLIGHT_FILTER")]
+    filter: Option<String>,
+    /// Comma-separated output columns.
+    #[arg(long, env = "ARTIFLIGHT_COLUMNS", value_delimiter = ',')]
+    columns: Option<Vec<String>>,
+    #[arg(long, env = "ARTIFLIGHT_LIMIT")]
+    limit: Option<u64>,
+    #[arg(long, env = "ARTIFLIGHT_VERSION")]
+    version: Option<String>,
+    /// Write to this file (.parquet, .arrow or .csv) instead of printing.
+    #[arg(long, env = "ARTIFLIGHT_OUT")]
+    out: Option<PathBuf>,
+    /// Rows to print when not writing a file.
+    #[arg(long, env = "ARTIFLIGHT_PREVIEW", default_value_t = 20)]
+    preview: usize,
+}
+
+fn options(global: &Global) -> ServerOptions {
+    ServerOptions::new(&global.data_dir)
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let global = &cli.global;
+    match cli.command {
+        Command::Serve(serve) => run_serve(global, serve).await,
+        Command::Register { path, key, description } => {
+            let record = match &global.server {
+                Some(url) => {
+                    Client::connect(url)
+                        .await?
+                        .action("register", json!({"path": path, "key": key, "description": description}))
+                        .await?
+                }
+                None => {
+                    let server = Server::open(&options(global))?;
+                    let (record, _) = server.registry().register(&path, &key, description, true).await?;
+                    Entry::Artifact(record).to_json()
+                }
+            };
+            print_json(&record)
+        }
+        Command::Collection(CollectionCommand::Create { key, members, description }) => {
+            let record = match &global.server {
+                Some(url) => {
+                    Client::connect(url)
+                        .await?
+                        .action(
+                            "create_collection",
+                            json!({"key": key, "members": members, "description": description}),
+                        )
+                        .await?
+                }
+                None => {
+                    let server = Server::open(&options(global))?;
+                    let (record, _) = server.registry().create_collection(&key, members, description).await?;
+                    Entry::Collection(record).to_json()
+                }
+            };
+            print_json(&record)
+        }
+        Command::Ls { suffix, otype } => {
+            let filter = RecordFilter { suffix, otype, ..Default::default() };
+            let records: Vec<Value> = match &global.server {
+                Some(url) => Client::connect(url)
+                    .await?
+                    .list(Some(serde_json::to_value(&filter)?))
+                    .await?
+                    .iter()
+                    .filter_map(|info| serde_json::from_slice(&info.app_metadata).ok())
+                    .collect(),
+                None => {
+                    let server = Server::open(&options(global))?;
+                    server
+                        .planner()
+                        .catalog()
+                        .run(move |c| c.list(&filter))
+                        .await?
+                        .iter()
+                        .map(Entry::to_json)
+                        .collect()
+                }
+            };
+            print_listing(&records);
+            Ok(())
+        }
+        Command::Show { key, version } => run_show(global, &key, version).await,
+        Command::Get(get) => run_get(global, get).await,
+        Command::Delete { key, version, permanent } => {
+            let deleted = match &global.server {
+                Some(url) => {
+                    Client::connect(url)
+                        .await?
+                        .action("delete", json!({"key": key, "version": version, "permanent": permanent}))
+                        .await?
+                }
+                None => {
+                    let server = Server::open(&options(global))?;
+                    let entries = server.registry().delete(&key, version, permanent).await?;
+                    Value::Array(entries.iter().map(Entry::to_json).collect())
+                }
+            };
+            print_json(&deleted)
+        }
+    }
+}
+
+async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
+    let mut opts = options(global);
+    opts.allow_roots = serve.allow_roots;
+    if let Some(n) = serve.target_partitions {
+        opts.target_partitions = n;
+    }
+    let server = Server::open(&opts)?;
+    if serve.demo {
+        crate::demo::install(&server).await.context("installing the demo data")?;
+    }
+    let listener = tokio::net::TcpListener::bind(&serve.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", serve.addr))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find the port when --addr ends in :0.
+    println!("artiflight listening on grpc://{addr}");
+    tracing::info!(%addr, data_dir = %server.planner().storage().data_dir().display(), "serving");
+    server.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result<()> {
+    if let Some(url) = &global.server {
+        let record = Client::connect(url)
+            .await?
+            .action("describe", json!({"key": key, "version": version}))
+            .await?;
+        return print_json(&record);
+    }
+    let server = Server::open(&options(global))?;
+    let name = key.to_string();
+    let entry = server
+        .planner()
+        .catalog()
+        .run(move |c| c.resolve(&name, version.as_deref()))
+        .await?;
+    print_json(&entry.to_json())?;
+    if let Entry::Artifact(record) = entry {
+        let url = url::Url::parse(&record.path)?;
+        let located = server.planner().storage().locate(&url).await?;
+        if located.is_folder {
+            let paths: Vec<&str> = located.files.iter().map(|f| located.relative(f)).collect();
+            print!("{}", file_tree(&paths));
+        }
+    }
+    Ok(())
+}
+
+/// Renders relative paths as a tree, like lamindb's `view_tree`.
+fn file_tree(paths: &[&str]) -> String {
+    let dirs: std::collections::BTreeSet<&str> = paths
+        .iter()
+        .flat_map(|p| p.match_indices('/').map(move |(i, _)| &p[..i]))
+        .collect();
+    let suffixes: std::collections::BTreeSet<String> = paths
+        .iter()
+        .filter_map(|p| Path::new(p).extension().map(|e| format!("'.{}'", e.to_string_lossy())))
+        .collect();
+    let mut out = format!(
+        "{} sub-directories & {} files with suffixes {}\n",
+        dirs.len(),
+        paths.len(),
+        suffixes.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    let mut printed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for (i, path) in paths.iter().enumerate() {
+        let parts: Vec<&str> = path.split('/').collect();
+        for depth in 0..parts.len() {
+            let prefix = parts[..=depth].join("/");
+            if !printed.insert(prefix.clone()) {
+                continue;
+            }
+            // Whether a later path leaves this subtree decides the branch glyph.
+            let parent = parts[..depth].join("/");
+            let last = !paths[i + 1..].iter().any(|p| {
+                let p_parts: Vec<&str> = p.split('/').collect();
+                p_parts.len() > depth && p_parts[..depth].join("/") == parent && p_parts[depth] != parts[depth]
+            });
+            let indent: String = (0..depth).map(|_| "    ").collect();
+            let glyph = if last { "└── " } else { "├── " };
+            let slash = if depth + 1 < parts.len() { "/" } else { "" };
+            out.push_str(&format!("{indent}{glyph}{}{slash}\n", parts[depth]));
+        }
+    }
+    out
+}
+
+async fn run_get(global: &Global, get: Get) -> Result<()> {
+    let url = global.server.as_deref().unwrap_or(DEFAULT_SERVER);
+    let client = Client::connect(url).await?;
+    let mut request = Request::key(&get.key);
+    if let Some(element) = &get.element {
+        request = request.element(element.split('/'));
+    }
+    if let Some(filter) = get.filter {
+        request = request.filter(filter);
+    }
+    if let Some(columns) = get.columns {
+        request = request.columns(columns);
+    }
+    if let Some(limit) = get.limit {
+        request = request.limit(limit);
+    }
+    if let Some(version) = get.version {
+        request = request.version(version);
+    }
+    let info = client.info(&request).await?;
+    let total = u64::try_from(info.total_records).ok();
+    let (schema, mut stream) = client.get_info(&info)?;
+    let progress = indicatif::ProgressBar::new(total.unwrap_or(0));
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {human_pos}/{human_len} rows {per_sec} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let Some(out) = get.out else {
+        // Preview: stop pulling once enough rows arrived; dropping the stream ends the scan.
+        let mut batches = Vec::new();
+        let mut rows = 0;
+        while rows < get.preview {
+            let Some(batch) = stream.next().await else { break };
+            let batch = batch?;
+            rows += batch.num_rows();
+            batches.push(batch);
+        }
+        drop(stream);
+        print_preview(&schema, &batches, get.preview, total)?;
+        return Ok(());
+    };
+    let mut writer = Writer::create(&out, &schema)?;
+    let mut rows = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        rows += batch.num_rows() as u64;
+        progress.set_position(rows);
+        writer.write(&batch)?;
+    }
+    writer.finish()?;
+    progress.finish_and_clear();
+    eprintln!("wrote {rows} rows to {}", out.display());
+    Ok(())
+}
+
+fn print_preview(schema: &SchemaRef, batches: &[RecordBatch], preview: usize, total: Option<u64>) -> Result<()> {
+    let shown: Vec<RecordBatch> = {
+        let mut left = preview;
+        batches
+            .iter()
+            .map_while(|b| {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(b.num_rows());
+                left -= n;
+                Some(b.slice(0, n))
+            })
+            .collect()
+    };
+    let table = if shown.is_empty() {
+        arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(Arc::clone(schema))])?
+    } else {
+        arrow::util::pretty::pretty_format_batches(&shown)?
+    };
+    println!("{table}");
+    let count: usize = shown.iter().map(|b| b.num_rows()).sum();
+    match total {
+        Some(total) => println!("{count} of {total} rows shown"),
+        None => println!("{count} rows shown"),
+    }
+    Ok(())
+}
+
+/// Output files by extension.
+enum Writer {
+    Parquet(parquet::arrow::ArrowWriter<std::fs::File>),
+    Arrow(arrow::ipc::writer::FileWriter<std::fs::File>),
+    Csv(arrow::csv::Writer<std::fs::File>),
+}
+
+impl Writer {
+    fn create(path: &Path, schema: &SchemaRef) -> Result<Self> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if !matches!(ext.as_str(), "parquet" | "arrow" | "feather" | "ipc" | "csv") {
+            bail!("--out must end in .parquet, .arrow or .csv, not '{}'", path.display());
+        }
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(match ext.as_str() {
+            "parquet" => Writer::Parquet(parquet::arrow::ArrowWriter::try_new(file, Arc::clone(schema), None)?),
+            "csv" => Writer::Csv(arrow::csv::Writer::new(file)),
+            _ => Writer::Arrow(arrow::ipc::writer::FileWriter::try_new(file, schema)?),
+        })
+    }
+
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        match self {
+            Writer::Parquet(w) => w.write(batch)?,
+            Writer::Arrow(w) => w.write(batch)?,
+            Writer::Csv(w) => w.write(batch)?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            Writer::Parquet(w) => {
+                w.close()?;
+            }
+            Writer::Arrow(mut w) => w.finish()?,
+            Writer::Csv(_) => {}
+        }
+        Ok(())
+    }
+}
+
+fn print_json(value: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn print_listing(records: &[Value]) {
+    let text = |v: &Value, k: &str| match &v[k] {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    println!("{:<32} {:<10} {:<9} {:<10} {:>7} {:>12} {:<20}", "key", "kind", "suffix", "otype", "version", "rows", "uid");
+    for r in records {
+        println!(
+            "{:<32} {:<10} {:<9} {:<10} {:>7} {:>12} {:<20}",
+            text(r, "key"),
+            text(r, "kind"),
+            text(r, "suffix"),
+            text(r, "otype"),
+            text(r, "version"),
+            text(r, "n_observations"),
+            text(r, "uid"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_tree;
+
+    #[test]
+    fn tree_like_lamindb() {
+        let tree = file_tree(&["louvain=0/a.parquet", "louvain=1/a.parquet"]);
+        assert_eq!(
+            tree,
+            "2 sub-directories & 2 files with suffixes '.parquet'\n├── louvain=0/\n    └── a.parquet\n└── louvain=1/\n    └── a.parquet\n"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Shared fixtures: a server on an ephemeral port, generated parquet folders.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use artiflight_client::Client;
+use artiflight_server::catalog::Catalog;
+use artiflight_server::query::{Planner, session_config};
+use artiflight_server::registry::Registry;
+use artiflight_server::storage::Storage;
+use artiflight_server::{Server, ServerOptions};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// The demo folder committed in the repository.
+pub fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/sharded_parquet")
+}
+
+/// A server running in-process until dropped.
+pub struct TestServer {
+    pub url: String,
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = tempfile::tempdir()?;
+        let mut options = ServerOptions::new(dir.path().join("data"));
+        options.allow_roots = vec![dir.path().display().to_string()];
+        let server = Server::open(&options)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("grpc://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = server.clone();
+        tokio::spawn(async move {
+            let _ = running
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self { url, server, dir, stop: Some(stop) })
+    }
+
+    pub async fn client(&self) -> Result<Client, artiflight_client::Error> {
+        Client::connect(&self.url).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A registry over `data_dir` whose plans run with `config`, for planner-level tests.
+pub fn registry_with(data_dir: &Path, config: datafusion::prelude::SessionConfig) -> Registry {
+    let storage = Arc::new(Storage::new(data_dir, &[]).expect("storage"));
+    let catalog = Catalog::open_sqlite(&data_dir.join("catalog.sqlite")).expect("catalog");
+    Registry::new(Planner::new(catalog, storage, config))
+}
+
+pub fn default_config() -> datafusion::prelude::SessionConfig {
+    session_config(4)
+}
+
+pub fn sorted_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("value", DataType::Float64, false),
+        Field::new("label", DataType::Utf8, false),
+    ]))
+}
+
+/// Writes `shards` parquet files of `rows_per_shard` rows under `dir/part=P/`, `id` increasing
+/// across the whole folder, in row groups of `row_group` rows.
+pub fn write_sorted_folder(dir: &Path, shards: usize, rows_per_shard: usize, row_group: usize) -> PathBuf {
+    let schema = sorted_schema();
+    for shard in 0..shards {
+        let sub = dir.join(format!("part={shard}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let file = std::fs::File::create(sub.join("data.parquet")).expect("create");
+        let props = WriterProperties::builder()
+            .set_max_row_group_size(row_group)
+            .build();
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).expect("writer");
+        let start = (shard * rows_per_shard) as i64;
+        let ids: Vec<i64> = (start..start + rows_per_shard as i64).collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(ids.clone())),
+                Arc::new(Float64Array::from(ids.iter().map(|i| *i as f64 * 0.5).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(ids.iter().map(|i| format!("l{}", i % 7)).collect::<Vec<_>>())),
+            ],
+        )
+        .expect("batch");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+    }
+    dir.to_path_buf()
+}
+
+/// Reads every parquet file under `dir` in path order with the parquet crate alone.
+pub fn read_files(dir: &Path) -> Vec<(PathBuf, Vec<RecordBatch>)> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let file = std::fs::File::open(&path).expect("open");
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                .expect("reader")
+                .build()
+                .expect("build");
+            let batches = reader.collect::<Result<Vec<_>, _>>().expect("read");
+            (path, batches)
+        })
+        .collect()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            collect_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            out.push(path);
+        }
+    }
+}
+
+/// Concatenates a column of batches into strings, for order-sensitive comparisons.
+pub fn column_strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for batch in batches {
+        let column = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        let formatter = arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &Default::default())
+            .expect("formatter");
+        for i in 0..batch.num_rows() {
+            out.push(formatter.value(i).to_string());
+        }
+    }
+    out
+}
+
+pub fn rows(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(|b| b.num_rows()).sum()
+}

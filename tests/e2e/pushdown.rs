@@ -1,0 +1,82 @@
+//! Pushdown is proven, not assumed: partitions and row groups are pruned (seen in the plan's scan
+//! metrics), and the answer is the same with pruning off.
+
+use datafusion::physical_plan::{ExecutionPlan, collect, displayable};
+
+use artiflight_server::query::Command;
+
+use crate::common::*;
+
+/// Executes the command and returns its rows plus the plan rendered with metrics.
+async fn run(
+    registry: &artiflight_server::registry::Registry,
+    command: &str,
+) -> Result<(Vec<String>, String), Box<dyn std::error::Error + Send + Sync>> {
+    let command = Command::from_json(command.as_bytes())?;
+    let planner = registry.planner();
+    let resolved = planner.resolve(&command).await?;
+    let planned = planner.plan(&command, &resolved.sources).await?;
+    let plan: std::sync::Arc<dyn ExecutionPlan> = planned.plan.clone();
+    let batches = collect(plan.clone(), planned.task.clone()).await?;
+    let text = displayable(plan.as_ref()).indent(true).to_string()
+        + &displayable(plan.as_ref()).indent(true).to_string().replace('\n', " ");
+    let with_metrics = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
+        .indent(true)
+        .to_string();
+    let mut rows = column_strings(&batches, "id");
+    rows.sort();
+    Ok((rows, format!("{text}\n{with_metrics}")))
+}
+
+fn metric(plan_text: &str, name: &str) -> Option<String> {
+    let start = plan_text.find(&format!("{name}="))? + name.len() + 1;
+    let rest = &plan_text[start..];
+    let end = rest.find([',', ']']).unwrap_or(rest.len());
+    Some(rest[..end].trim().to_string())
+}
+
+#[tokio::test]
+async fn partitions_and_row_groups_are_pruned_and_answers_match() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // 4 shards x 20 row groups of 1000 rows, ids sorted: a filter on id hits one row group.
+    let folder = write_sorted_folder(&dir.path().join("sorted"), 4, 20_000, 1_000);
+    let pruned = registry_with(&dir.path().join("data"), default_config());
+    pruned.register(folder.to_str().unwrap_or_default(), "sorted", None, true).await?;
+
+    let (rows, plan) = run(&pruned, r#"{"key": "sorted", "filter": "part = 2"}"#).await?;
+    assert_eq!(rows.len(), 20_000);
+    assert!(plan.contains("part=2/data.parquet"), "{plan}");
+    for other in ["part=0/", "part=1/", "part=3/"] {
+        assert!(!plan.contains(other), "partition {other} should not be scanned:\n{plan}");
+    }
+
+    let filter = r#"{"key": "sorted", "filter": "id >= 41000 AND id < 41010"}"#;
+    let (rows, plan) = run(&pruned, filter).await?;
+    assert_eq!(rows.len(), 10);
+    let pruning = metric(&plan, "row_groups_pruned_statistics").expect("row group metric in plan");
+    assert!(pruning.contains("79 pruned") || pruning.contains("1 matched"), "row groups: {pruning}\n{plan}");
+
+    // The same answers with every kind of pruning off.
+    let mut config = default_config();
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.pruning = false;
+    parquet.enable_page_index = false;
+    parquet.pushdown_filters = false;
+    let unpruned = registry_with(&dir.path().join("data2"), config);
+    unpruned.register(folder.to_str().unwrap_or_default(), "sorted", None, true).await?;
+    for command in [
+        filter,
+        r#"{"key": "sorted", "filter": "part = 2"}"#,
+        r#"{"key": "sorted", "filter": "label = 'l3' AND id % 5 = 0"}"#,
+        r#"{"key": "sorted", "filter": "value > 30000.0 OR part = 0"}"#,
+    ] {
+        let (a, _) = run(&pruned, command).await?;
+        let (b, plan) = run(&unpruned, command).await?;
+        assert_eq!(a, b, "{command}");
+        if command == filter {
+            let matched = metric(&plan, "row_groups_pruned_statistics");
+            assert!(matched.is_none_or(|m| !m.contains("79 pruned")), "pruning was off: {plan}");
+        }
+    }
+    Ok(())
+}
