@@ -22,15 +22,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         walk(&root, &mut files)?;
     }
     files.sort();
-    let mut code = String::from("/// Demo files: (path relative to demo/, bytes).\npub static DEMO_FILES: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from(
+        "/// Demo files: (path relative to demo/, bytes).\npub(crate) static DEMO_FILES: &[(&str, &[u8])] = &[\n",
+    );
     for file in files {
-        let rel = file.strip_prefix(&root)?.to_string_lossy().replace('\\', "/");
+        let rel = file
+            .strip_prefix(&root)?
+            .to_string_lossy()
+            .replace('\\', "/");
         if rel.ends_with(".py") || rel.ends_with(".md") {
             continue;
         }
-        code.push_str(&format!("    ({rel:?}, include_bytes!({:?})),\n", file.display().to_string()));
+        code.push_str(&format!(
+            "    ({rel:?}, include_bytes!({:?})),\n",
+            file.display().to_string()
+        ));
     }
     code.push_str("];\n");
-    std::fs::write(PathBuf::from(std::env::var("OUT_DIR")?).join("demo_files.rs"), code)?;
+    std::fs::write(
+        PathBuf::from(std::env::var("OUT_DIR")?).join("demo_files.rs"),
+        code,
+    )?;
     Ok(())
 }

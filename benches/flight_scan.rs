@@ -27,15 +27,25 @@ fn write(dir: &std::path::Path, rows: usize) -> Result<(), Box<dyn std::error::E
     for s in 0..SHARDS {
         let sub = dir.join(format!("shard={s}"));
         std::fs::create_dir_all(&sub)?;
-        let mut writer = ArrowWriter::try_new(std::fs::File::create(sub.join("part-0.parquet"))?, schema.clone(), None)?;
+        let mut writer = ArrowWriter::try_new(
+            std::fs::File::create(sub.join("part-0.parquet"))?,
+            schema.clone(),
+            None,
+        )?;
         let start = (s * per) as i64;
         let ids: Vec<i64> = (start..start + per as i64).collect();
         writer.write(&RecordBatch::try_new(
             schema.clone(),
             vec![
                 Arc::new(Int64Array::from(ids.clone())),
-                Arc::new(Float64Array::from(ids.iter().map(|i| *i as f64).collect::<Vec<_>>())),
-                Arc::new(StringArray::from(ids.iter().map(|i| ["a", "b", "c"][(*i % 3) as usize]).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from(
+                    ids.iter().map(|i| *i as f64).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(
+                    ids.iter()
+                        .map(|i| ["a", "b", "c"][(*i % 3) as usize])
+                        .collect::<Vec<_>>(),
+                )),
             ],
         )?)?;
         writer.close()?;
@@ -76,8 +86,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (_, stream) = client.get(&Request::key("scan")).await?;
         let batches: Vec<RecordBatch> = stream.try_collect().await?;
         best = best.min(start.elapsed().as_secs_f64());
-        bytes = batches.iter().map(|b| b.get_array_memory_size()).sum::<usize>();
-        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), rows / SHARDS * SHARDS);
+        bytes = batches
+            .iter()
+            .map(|b| b.get_array_memory_size())
+            .sum::<usize>();
+        assert_eq!(
+            batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+            rows / SHARDS * SHARDS
+        );
     }
     println!(
         "flight_scan: {rows} rows, best of {REPEAT}: {best:.3} s, {:.2} GB/s",

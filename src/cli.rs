@@ -18,7 +18,7 @@ const DEFAULT_SERVER: &str = "grpc://127.0.0.1:8815";
 /// Serve scientific data artifacts (parquet, AnnData, HDF5, zarr) over Arrow Flight.
 #[derive(Parser, Debug)]
 #[command(name = "artiflight", version, about, propagate_version = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     global: Global,
     #[command(subcommand)]
@@ -28,7 +28,12 @@ pub struct Cli {
 #[derive(Args, Debug)]
 struct Global {
     /// Directory holding the catalog (catalog.sqlite) and managed storage (objects/).
-    #[arg(long, global = true, env = "ARTIFLIGHT_DATA_DIR", default_value = "./artiflight-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "ARTIFLIGHT_DATA_DIR",
+        default_value = "./artiflight-data"
+    )]
     data_dir: PathBuf,
     /// A running server to talk to (for example grpc://127.0.0.1:8815); `get` defaults to it,
     /// other commands use the catalog directly unless it is given.
@@ -101,7 +106,11 @@ struct Serve {
     #[arg(long, env = "ARTIFLIGHT_DEMO")]
     demo: bool,
     /// Another root the server may read (a directory or URL); repeatable.
-    #[arg(long = "allow-root", env = "ARTIFLIGHT_ALLOW_ROOT", value_delimiter = ',')]
+    #[arg(
+        long = "allow-root",
+        env = "ARTIFLIGHT_ALLOW_ROOT",
+        value_delimiter = ','
+    )]
     allow_roots: Vec<String>,
     /// How many partitions (endpoints) a scan may split into; default: the number of cores.
     #[arg(long, env = "ARTIFLIGHT_TARGET_PARTITIONS")]
@@ -136,27 +145,41 @@ fn options(global: &Global) -> ServerOptions {
     ServerOptions::new(&global.data_dir)
 }
 
-pub async fn run(cli: Cli) -> Result<()> {
+pub(crate) async fn run(cli: Cli) -> Result<()> {
     let global = &cli.global;
     match cli.command {
         Command::Serve(serve) => run_serve(global, serve).await,
-        Command::Register { path, key, description } => {
+        Command::Register {
+            path,
+            key,
+            description,
+        } => {
             let record = match &global.server {
                 Some(url) => {
                     Client::connect(url)
                         .await?
-                        .action("register", json!({"path": path, "key": key, "description": description}))
+                        .action(
+                            "register",
+                            json!({"path": path, "key": key, "description": description}),
+                        )
                         .await?
                 }
                 None => {
                     let server = Server::open(&options(global))?;
-                    let (record, _) = server.registry().register(&path, &key, description, true).await?;
+                    let (record, _) = server
+                        .registry()
+                        .register(&path, &key, description, true)
+                        .await?;
                     Entry::Artifact(record).to_json()
                 }
             };
             print_json(&record)
         }
-        Command::Collection(CollectionCommand::Create { key, members, description }) => {
+        Command::Collection(CollectionCommand::Create {
+            key,
+            members,
+            description,
+        }) => {
             let record = match &global.server {
                 Some(url) => {
                     Client::connect(url)
@@ -169,14 +192,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 None => {
                     let server = Server::open(&options(global))?;
-                    let (record, _) = server.registry().create_collection(&key, members, description).await?;
+                    let (record, _) = server
+                        .registry()
+                        .create_collection(&key, members, description)
+                        .await?;
                     Entry::Collection(record).to_json()
                 }
             };
             print_json(&record)
         }
         Command::Ls { suffix, otype } => {
-            let filter = RecordFilter { suffix, otype, ..Default::default() };
+            let filter = RecordFilter {
+                suffix,
+                otype,
+                ..Default::default()
+            };
             let records: Vec<Value> = match &global.server {
                 Some(url) => Client::connect(url)
                     .await?
@@ -202,12 +232,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Show { key, version } => run_show(global, &key, version).await,
         Command::Get(get) => run_get(global, get).await,
-        Command::Delete { key, version, permanent } => {
+        Command::Delete {
+            key,
+            version,
+            permanent,
+        } => {
             let deleted = match &global.server {
                 Some(url) => {
                     Client::connect(url)
                         .await?
-                        .action("delete", json!({"key": key, "version": version, "permanent": permanent}))
+                        .action(
+                            "delete",
+                            json!({"key": key, "version": version, "permanent": permanent}),
+                        )
                         .await?
                 }
                 None => {
@@ -229,7 +266,9 @@ async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
     }
     let server = Server::open(&opts)?;
     if serve.demo {
-        crate::demo::install(&server).await.context("installing the demo data")?;
+        crate::demo::install(&server)
+            .await
+            .context("installing the demo data")?;
     }
     let listener = tokio::net::TcpListener::bind(&serve.addr)
         .await
@@ -291,15 +330,52 @@ async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result
     Ok(())
 }
 
-/// Renders relative paths as a tree, like lamindb's `view_tree`.
+/// Renders relative paths (in path order) as a tree, like lamindb's `view_tree`.
 fn file_tree(paths: &[&str]) -> String {
+    #[derive(Default)]
+    struct Node<'a> {
+        children: Vec<(&'a str, Node<'a>)>,
+    }
+    fn render(node: &Node<'_>, prefix: &str, out: &mut String) {
+        for (i, (name, child)) in node.children.iter().enumerate() {
+            let last = i + 1 == node.children.len();
+            let slash = if child.children.is_empty() { "" } else { "/" };
+            out.push_str(&format!(
+                "{prefix}{}{name}{slash}\n",
+                if last { "└── " } else { "├── " }
+            ));
+            render(
+                child,
+                &format!("{prefix}{}", if last { "    " } else { "│   " }),
+                out,
+            );
+        }
+    }
+    let mut root = Node::default();
+    for path in paths {
+        let mut node = &mut root;
+        for part in path.split('/') {
+            let at = match node.children.iter().position(|(n, _)| *n == part) {
+                Some(at) => at,
+                None => {
+                    node.children.push((part, Node::default()));
+                    node.children.len() - 1
+                }
+            };
+            node = &mut node.children[at].1;
+        }
+    }
     let dirs: std::collections::BTreeSet<&str> = paths
         .iter()
         .flat_map(|p| p.match_indices('/').map(move |(i, _)| &p[..i]))
         .collect();
     let suffixes: std::collections::BTreeSet<String> = paths
         .iter()
-        .filter_map(|p| Path::new(p).extension().map(|e| format!("'.{}'", e.to_string_lossy())))
+        .filter_map(|p| {
+            Path::new(p)
+                .extension()
+                .map(|e| format!("'.{}'", e.to_string_lossy()))
+        })
         .collect();
     let mut out = format!(
         "{} sub-directories & {} files with suffixes {}\n",
@@ -307,26 +383,7 @@ fn file_tree(paths: &[&str]) -> String {
         paths.len(),
         suffixes.into_iter().collect::<Vec<_>>().join(", ")
     );
-    let mut printed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    for (i, path) in paths.iter().enumerate() {
-        let parts: Vec<&str> = path.split('/').collect();
-        for depth in 0..parts.len() {
-            let prefix = parts[..=depth].join("/");
-            if !printed.insert(prefix.clone()) {
-                continue;
-            }
-            // Whether a later path leaves this subtree decides the branch glyph.
-            let parent = parts[..depth].join("/");
-            let last = !paths[i + 1..].iter().any(|p| {
-                let p_parts: Vec<&str> = p.split('/').collect();
-                p_parts.len() > depth && p_parts[..depth].join("/") == parent && p_parts[depth] != parts[depth]
-            });
-            let indent: String = (0..depth).map(|_| "    ").collect();
-            let glyph = if last { "└── " } else { "├── " };
-            let slash = if depth + 1 < parts.len() { "/" } else { "" };
-            out.push_str(&format!("{indent}{glyph}{}{slash}\n", parts[depth]));
-        }
-    }
+    render(&root, "", &mut out);
     out
 }
 
@@ -354,15 +411,19 @@ async fn run_get(global: &Global, get: Get) -> Result<()> {
     let (schema, mut stream) = client.get_info(&info)?;
     let progress = indicatif::ProgressBar::new(total.unwrap_or(0));
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {human_pos}/{human_len} rows {per_sec} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {human_pos}/{human_len} rows {per_sec} [{elapsed}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let Some(out) = get.out else {
         // Preview: stop pulling once enough rows arrived; dropping the stream ends the scan.
         let mut batches = Vec::new();
         let mut rows = 0;
         while rows < get.preview {
-            let Some(batch) = stream.next().await else { break };
+            let Some(batch) = stream.next().await else {
+                break;
+            };
             let batch = batch?;
             rows += batch.num_rows();
             batches.push(batch);
@@ -385,7 +446,12 @@ async fn run_get(global: &Global, get: Get) -> Result<()> {
     Ok(())
 }
 
-fn print_preview(schema: &SchemaRef, batches: &[RecordBatch], preview: usize, total: Option<u64>) -> Result<()> {
+fn print_preview(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    preview: usize,
+    total: Option<u64>,
+) -> Result<()> {
     let shown: Vec<RecordBatch> = {
         let mut left = preview;
         batches
@@ -423,13 +489,28 @@ enum Writer {
 
 impl Writer {
     fn create(path: &Path, schema: &SchemaRef) -> Result<Self> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        if !matches!(ext.as_str(), "parquet" | "arrow" | "feather" | "ipc" | "csv") {
-            bail!("--out must end in .parquet, .arrow or .csv, not '{}'", path.display());
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !matches!(
+            ext.as_str(),
+            "parquet" | "arrow" | "feather" | "ipc" | "csv"
+        ) {
+            bail!(
+                "--out must end in .parquet, .arrow or .csv, not '{}'",
+                path.display()
+            );
         }
-        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         Ok(match ext.as_str() {
-            "parquet" => Writer::Parquet(parquet::arrow::ArrowWriter::try_new(file, Arc::clone(schema), None)?),
+            "parquet" => Writer::Parquet(parquet::arrow::ArrowWriter::try_new(
+                file,
+                Arc::clone(schema),
+                None,
+            )?),
             "csv" => Writer::Csv(arrow::csv::Writer::new(file)),
             _ => Writer::Arrow(arrow::ipc::writer::FileWriter::try_new(file, schema)?),
         })
@@ -467,7 +548,10 @@ fn print_listing(records: &[Value]) {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("{:<32} {:<10} {:<9} {:<10} {:>7} {:>12} {:<20}", "key", "kind", "suffix", "otype", "version", "rows", "uid");
+    println!(
+        "{:<32} {:<10} {:<9} {:<10} {:>7} {:>12} {:<20}",
+        "key", "kind", "suffix", "otype", "version", "rows", "uid"
+    );
     for r in records {
         println!(
             "{:<32} {:<10} {:<9} {:<10} {:>7} {:>12} {:<20}",
@@ -491,7 +575,7 @@ mod tests {
         let tree = file_tree(&["louvain=0/a.parquet", "louvain=1/a.parquet"]);
         assert_eq!(
             tree,
-            "2 sub-directories & 2 files with suffixes '.parquet'\n├── louvain=0/\n    └── a.parquet\n└── louvain=1/\n    └── a.parquet\n"
+            "2 sub-directories & 2 files with suffixes '.parquet'\n├── louvain=0/\n│   └── a.parquet\n└── louvain=1/\n    └── a.parquet\n"
         );
     }
 }

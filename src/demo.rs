@@ -9,7 +9,7 @@ include!(concat!(env!("OUT_DIR"), "/demo_files.rs"));
 const SHARDED: &str = "sharded_parquet";
 
 /// Writes the demo files under `DATA_DIR/demo` and registers them; idempotent.
-pub async fn install(server: &Server) -> Result<()> {
+pub(crate) async fn install(server: &Server) -> Result<()> {
     let dir = server.planner().storage().data_dir().join("demo");
     for (rel, bytes) in DEMO_FILES {
         let path = dir.join(rel);
@@ -17,7 +17,8 @@ pub async fn install(server: &Server) -> Result<()> {
             continue;
         }
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -25,7 +26,12 @@ pub async fn install(server: &Server) -> Result<()> {
     let folder = dir.join(SHARDED);
     let folder = folder.to_str().context("demo path is not UTF-8")?;
     registry
-        .register(folder, SHARDED, Some("pbmc68k obs, sharded by louvain".into()), true)
+        .register(
+            folder,
+            SHARDED,
+            Some("pbmc68k obs, sharded by louvain".into()),
+            true,
+        )
         .await?;
     // Two single shards and a collection of them, as lamindb's "stream datasets" guide does.
     let mut members = Vec::new();
@@ -37,7 +43,12 @@ pub async fn install(server: &Server) -> Result<()> {
             .find(|p| p.extension().is_some_and(|e| e == "parquet"))
             .with_context(|| format!("demo shard {shard} has no parquet file"))?;
         registry
-            .register(file.to_str().context("demo path is not UTF-8")?, &key, None, true)
+            .register(
+                file.to_str().context("demo path is not UTF-8")?,
+                &key,
+                None,
+                true,
+            )
             .await?;
         members.push(key);
     }

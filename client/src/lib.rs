@@ -22,9 +22,9 @@ mod request;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
-use arrow_flight::error::FlightError;
-use arrow_flight::{Action, Criteria, FlightClient, FlightInfo, PutResult, encode::FlightDataEncoderBuilder};
 use arrow_flight::encode::DictionaryHandling;
+use arrow_flight::error::FlightError;
+use arrow_flight::{Action, FlightClient, FlightInfo, PutResult, encode::FlightDataEncoderBuilder};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use tonic::transport::{Channel, Endpoint};
@@ -101,17 +101,22 @@ impl Client {
     pub async fn connect(url: &str) -> Result<Self> {
         let http = if let Some(rest) = url.strip_prefix("grpc+tls://") {
             format!("https://{rest}")
-        } else if let Some(rest) = url.strip_prefix("grpc://").or_else(|| url.strip_prefix("grpc+tcp://")) {
+        } else if let Some(rest) = url
+            .strip_prefix("grpc://")
+            .or_else(|| url.strip_prefix("grpc+tcp://"))
+        {
             format!("http://{rest}")
         } else {
             url.to_string()
         };
-        let endpoint = Endpoint::from_shared(http)
-            .map_err(|e| Error::Connect { url: url.to_string(), source: e })?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| Error::Connect { url: url.to_string(), source: e })?;
+        let endpoint = Endpoint::from_shared(http).map_err(|e| Error::Connect {
+            url: url.to_string(),
+            source: e,
+        })?;
+        let channel = endpoint.connect().await.map_err(|e| Error::Connect {
+            url: url.to_string(),
+            source: e,
+        })?;
         Ok(Self { channel })
     }
 
@@ -124,7 +129,7 @@ impl Client {
     /// `{"suffix": ".parquet"}`.
     pub async fn list(&self, filter: Option<serde_json::Value>) -> Result<Vec<FlightInfo>> {
         let expression = filter.map(|f| f.to_string()).unwrap_or_default();
-        let stream = self.flight().list_flights(Criteria { expression: expression.into() }).await?;
+        let stream = self.flight().list_flights(expression).await?;
         Ok(stream.try_collect().await?)
     }
 
@@ -134,15 +139,25 @@ impl Client {
     }
 
     /// Streams the flight's batches, endpoint after endpoint, with its announced schema.
-    pub async fn get(&self, request: &Request) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+    pub async fn get(
+        &self,
+        request: &Request,
+    ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let info = self.info(request).await?;
         self.get_info(&info)
     }
 
     /// Streams the batches of a flight already described by `info`.
-    pub fn get_info(&self, info: &FlightInfo) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
+    pub fn get_info(
+        &self,
+        info: &FlightInfo,
+    ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let schema = std::sync::Arc::new(info.clone().try_decode_schema()?);
-        let tickets: Vec<_> = info.endpoint.iter().filter_map(|e| e.ticket.clone()).collect();
+        let tickets: Vec<_> = info
+            .endpoint
+            .iter()
+            .filter_map(|e| e.ticket.clone())
+            .collect();
         let this = self.clone();
         let batches = futures::stream::iter(tickets)
             .then(move |ticket| {
@@ -170,7 +185,9 @@ impl Client {
         let data = FlightDataEncoderBuilder::new()
             .with_schema(schema)
             .with_dictionary_handling(DictionaryHandling::Resend)
-            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![key.to_string()])))
+            .with_flight_descriptor(Some(arrow_flight::FlightDescriptor::new_path(vec![
+                key.to_string(),
+            ])))
             .build(futures::stream::iter(batches.into_iter().map(Ok)));
         let results: Vec<PutResult> = self.flight().do_put(data).await?.try_collect().await?;
         let result = results

@@ -44,7 +44,10 @@ impl Request {
 
     /// An element path, e.g. `["X"]` or `["layers", "counts"]`.
     pub fn element<S: Into<String>>(self, path: impl IntoIterator<Item = S>) -> Self {
-        self.set("element", json!(path.into_iter().map(Into::into).collect::<Vec<String>>()))
+        self.set(
+            "element",
+            json!(path.into_iter().map(Into::into).collect::<Vec<String>>()),
+        )
     }
 
     /// A SQL boolean expression over the table (or obs, for AnnData matrices).
@@ -54,7 +57,10 @@ impl Request {
 
     /// Output columns, in order.
     pub fn columns<S: Into<String>>(self, columns: impl IntoIterator<Item = S>) -> Self {
-        self.set("columns", json!(columns.into_iter().map(Into::into).collect::<Vec<String>>()))
+        self.set(
+            "columns",
+            json!(columns.into_iter().map(Into::into).collect::<Vec<String>>()),
+        )
     }
 
     /// At most this many rows across all endpoints.

@@ -91,7 +91,9 @@ impl Error {
                 Err(other) => Self::Query(DataFusionError::External(other)),
             },
             DataFusionError::Context(context, inner) => match Self::from_datafusion(*inner) {
-                Self::Query(inner) => Self::Query(DataFusionError::Context(context, Box::new(inner))),
+                Self::Query(inner) => {
+                    Self::Query(DataFusionError::Context(context, Box::new(inner)))
+                }
                 own => own,
             },
             other => Self::Query(other),

@@ -2,14 +2,13 @@
 //!
 //! A request flows `service` (Flight edge) -> `query` (command to DataFusion plan) -> `catalog`
 //! (key to record) -> `formats` (record to table provider) -> `storage` (object stores), and the
-//! plan's record batches stream back through the service. See `DESIGN.md`-style notes in each
-//! module.
+//! plan's record batches stream back through the service.
 //!
 //! ```no_run
-//! # async fn run() -> artiflight_server::error::Result<()> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use artiflight_server::{Server, ServerOptions};
 //! let server = Server::open(&ServerOptions::new("./artiflight-data"))?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8815").await.map_err(|e| artiflight_server::error::Error::io("bind", e))?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8815").await?;
 //! server.serve(listener, std::future::pending()).await?;
 //! # Ok(()) }
 //! ```
@@ -51,7 +50,9 @@ impl ServerOptions {
         Self {
             data_dir: data_dir.into(),
             allow_roots: Vec::new(),
-            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            target_partitions: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2),
         }
     }
 }
@@ -82,7 +83,16 @@ impl Server {
     }
 
     /// Serves Flight on `listener` until `shutdown` resolves.
-    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        service::serve(listener, FlightEndpoint::new(self.registry.clone()), shutdown).await
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        service::serve(
+            listener,
+            FlightEndpoint::new(self.registry.clone()),
+            shutdown,
+        )
+        .await
     }
 }

@@ -52,7 +52,8 @@ impl Registry {
         check_key(key)?;
         let storage = self.planner.storage();
         let url = storage.resolve(location, !trusted)?;
-        self.register_url(url, key, description, trusted, false).await
+        self.register_url(url, key, description, trusted, false)
+            .await
     }
 
     async fn register_url(
@@ -101,9 +102,15 @@ impl Registry {
         let mut schemas = Vec::with_capacity(members.len());
         for member in &members {
             let name = member.clone();
-            let entry = self.planner.catalog().run(move |c| c.resolve(&name, None)).await?;
+            let entry = self
+                .planner
+                .catalog()
+                .run(move |c| c.resolve(&name, None))
+                .await?;
             let Entry::Artifact(record) = entry else {
-                return Err(Error::invalid(format!("member '{member}' is a collection, not an artifact")));
+                return Err(Error::invalid(format!(
+                    "member '{member}' is a collection, not an artifact"
+                )));
             };
             let table = self.planner.open(&ctx, &record, &[]).await?;
             schemas.push((member.clone(), table.schema()));
@@ -134,7 +141,9 @@ impl Registry {
             let file = tokio::fs::File::create(&upload)
                 .await
                 .map_err(|e| Error::io(upload.display(), e))?;
-            let props = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
+            let props = WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build();
             let mut writer = AsyncArrowWriter::try_new(file, schema, Some(props))
                 .map_err(|e| Error::invalid(format!("cannot write this schema as parquet: {e}")))?;
             while let Some(batch) = batches.next().await {
@@ -170,7 +179,12 @@ impl Registry {
 
     /// Trashes or deletes one version or all versions of `key`; managed files no record uses
     /// any more are removed. Files outside managed storage are never touched.
-    pub async fn delete(&self, key: &str, version: Option<String>, permanent: bool) -> Result<Vec<Entry>> {
+    pub async fn delete(
+        &self,
+        key: &str,
+        version: Option<String>,
+        permanent: bool,
+    ) -> Result<Vec<Entry>> {
         let key = key.to_string();
         let deleted = self
             .planner

@@ -14,23 +14,23 @@ use artiflight_server::{Server, ServerOptions};
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
-pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// The demo folder committed in the repository.
-pub fn demo_dir() -> PathBuf {
+pub(crate) fn demo_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/sharded_parquet")
 }
 
 /// A server running in-process until dropped.
-pub struct TestServer {
-    pub url: String,
-    pub server: Server,
-    pub dir: tempfile::TempDir,
+pub(crate) struct TestServer {
+    pub(crate) url: String,
+    pub(crate) server: Server,
+    pub(crate) dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl TestServer {
-    pub async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    pub(crate) async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let dir = tempfile::tempdir()?;
         let mut options = ServerOptions::new(dir.path().join("data"));
         options.allow_roots = vec![dir.path().display().to_string()];
@@ -46,10 +46,15 @@ impl TestServer {
                 })
                 .await;
         });
-        Ok(Self { url, server, dir, stop: Some(stop) })
+        Ok(Self {
+            url,
+            server,
+            dir,
+            stop: Some(stop),
+        })
     }
 
-    pub async fn client(&self) -> Result<Client, artiflight_client::Error> {
+    pub(crate) async fn client(&self) -> Result<Client, artiflight_client::Error> {
         Client::connect(&self.url).await
     }
 }
@@ -63,17 +68,20 @@ impl Drop for TestServer {
 }
 
 /// A registry over `data_dir` whose plans run with `config`, for planner-level tests.
-pub fn registry_with(data_dir: &Path, config: datafusion::prelude::SessionConfig) -> Registry {
+pub(crate) fn registry_with(
+    data_dir: &Path,
+    config: datafusion::prelude::SessionConfig,
+) -> Registry {
     let storage = Arc::new(Storage::new(data_dir, &[]).expect("storage"));
     let catalog = Catalog::open_sqlite(&data_dir.join("catalog.sqlite")).expect("catalog");
     Registry::new(Planner::new(catalog, storage, config))
 }
 
-pub fn default_config() -> datafusion::prelude::SessionConfig {
+pub(crate) fn default_config() -> datafusion::prelude::SessionConfig {
     session_config(4)
 }
 
-pub fn sorted_schema() -> Arc<Schema> {
+pub(crate) fn sorted_schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("value", DataType::Float64, false),
@@ -83,14 +91,19 @@ pub fn sorted_schema() -> Arc<Schema> {
 
 /// Writes `shards` parquet files of `rows_per_shard` rows under `dir/part=P/`, `id` increasing
 /// across the whole folder, in row groups of `row_group` rows.
-pub fn write_sorted_folder(dir: &Path, shards: usize, rows_per_shard: usize, row_group: usize) -> PathBuf {
+pub(crate) fn write_sorted_folder(
+    dir: &Path,
+    shards: usize,
+    rows_per_shard: usize,
+    row_group: usize,
+) -> PathBuf {
     let schema = sorted_schema();
     for shard in 0..shards {
         let sub = dir.join(format!("part={shard}"));
         std::fs::create_dir_all(&sub).expect("mkdir");
         let file = std::fs::File::create(sub.join("data.parquet")).expect("create");
         let props = WriterProperties::builder()
-            .set_max_row_group_size(row_group)
+            .set_max_row_group_row_count(Some(row_group))
             .build();
         let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).expect("writer");
         let start = (shard * rows_per_shard) as i64;
@@ -99,8 +112,14 @@ pub fn write_sorted_folder(dir: &Path, shards: usize, rows_per_shard: usize, row
             schema.clone(),
             vec![
                 Arc::new(Int64Array::from(ids.clone())),
-                Arc::new(Float64Array::from(ids.iter().map(|i| *i as f64 * 0.5).collect::<Vec<_>>())),
-                Arc::new(StringArray::from(ids.iter().map(|i| format!("l{}", i % 7)).collect::<Vec<_>>())),
+                Arc::new(Float64Array::from(
+                    ids.iter().map(|i| *i as f64 * 0.5).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(
+                    ids.iter()
+                        .map(|i| format!("l{}", i % 7))
+                        .collect::<Vec<_>>(),
+                )),
             ],
         )
         .expect("batch");
@@ -111,7 +130,7 @@ pub fn write_sorted_folder(dir: &Path, shards: usize, rows_per_shard: usize, row
 }
 
 /// Reads every parquet file under `dir` in path order with the parquet crate alone.
-pub fn read_files(dir: &Path) -> Vec<(PathBuf, Vec<RecordBatch>)> {
+pub(crate) fn read_files(dir: &Path) -> Vec<(PathBuf, Vec<RecordBatch>)> {
     let mut files = Vec::new();
     collect_files(dir, &mut files);
     files.sort();
@@ -119,10 +138,11 @@ pub fn read_files(dir: &Path) -> Vec<(PathBuf, Vec<RecordBatch>)> {
         .into_iter()
         .map(|path| {
             let file = std::fs::File::open(&path).expect("open");
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                .expect("reader")
-                .build()
-                .expect("build");
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .expect("reader")
+                    .build()
+                    .expect("build");
             let batches = reader.collect::<Result<Vec<_>, _>>().expect("read");
             (path, batches)
         })
@@ -141,12 +161,15 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Concatenates a column of batches into strings, for order-sensitive comparisons.
-pub fn column_strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
+pub(crate) fn column_strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
     let mut out = Vec::new();
     for batch in batches {
-        let column = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
-        let formatter = arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &Default::default())
-            .expect("formatter");
+        let column = batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"));
+        let formatter =
+            arrow::util::display::ArrayFormatter::try_new(column.as_ref(), &Default::default())
+                .expect("formatter");
         for i in 0..batch.num_rows() {
             out.push(formatter.value(i).to_string());
         }
@@ -154,6 +177,6 @@ pub fn column_strings(batches: &[RecordBatch], name: &str) -> Vec<String> {
     out
 }
 
-pub fn rows(batches: &[RecordBatch]) -> usize {
+pub(crate) fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(|b| b.num_rows()).sum()
 }

@@ -16,7 +16,12 @@ async fn server_with_demo() -> Result<TestServer, Box<dyn std::error::Error + Se
     server
         .server
         .registry()
-        .register(demo.to_str().unwrap_or_default(), "sharded_parquet", None, true)
+        .register(
+            demo.to_str().unwrap_or_default(),
+            "sharded_parquet",
+            None,
+            true,
+        )
         .await?;
     Ok(server)
 }
@@ -28,7 +33,10 @@ async fn full_scan_equals_the_files() -> TestResult {
     let info = client.info(&Request::key("sharded_parquet")).await?;
     let files = read_files(&demo_dir());
     let expected_rows: usize = files.iter().map(|(_, b)| rows(b)).sum();
-    assert_eq!(info.total_records, expected_rows as i64, "exact count from parquet metadata");
+    assert_eq!(
+        info.total_records, expected_rows as i64,
+        "exact count from parquet metadata"
+    );
     assert!(info.ordered);
     let record: serde_json::Value = serde_json::from_slice(&info.app_metadata)?;
     assert_eq!(record["key"], "sharded_parquet");
@@ -36,10 +44,20 @@ async fn full_scan_equals_the_files() -> TestResult {
     assert_eq!(record["n_observations"], expected_rows);
 
     let (schema, batches) = client.collect(&Request::key("sharded_parquet")).await?;
-    assert_eq!(schema.field_with_name("louvain")?.data_type(), &DataType::Int32);
-    assert!(schema.metadata().contains_key("pandas"), "file metadata kept");
+    assert_eq!(
+        schema.field_with_name("louvain")?.data_type(),
+        &DataType::Int32
+    );
+    assert!(
+        schema.metadata().contains_key("pandas"),
+        "file metadata kept"
+    );
     for batch in &batches {
-        assert_eq!(batch.schema().fields(), schema.fields(), "stream schema equals announced schema");
+        assert_eq!(
+            batch.schema().fields(),
+            schema.fields(),
+            "stream schema equals announced schema"
+        );
     }
     // Row for row, in path order: the files' own columns, and louvain from the folder names.
     let mut expected_genes = Vec::new();
@@ -69,7 +87,8 @@ async fn filter_columns_limit_equal_datafusion_alone() -> TestResult {
     let ctx = SessionContext::new();
     let options = ParquetReadOptions::default()
         .table_partition_cols(vec![("louvain".to_string(), DataType::Int32)]);
-    ctx.register_parquet("t", demo_dir().to_str().unwrap_or_default(), options).await?;
+    ctx.register_parquet("t", demo_dir().to_str().unwrap_or_default(), options)
+        .await?;
     let cases = [
         "louvain = 3",
         "louvain IN (1, 2) AND n_genes > 700",
@@ -79,10 +98,16 @@ async fn filter_columns_limit_equal_datafusion_alone() -> TestResult {
     ];
     for filter in cases {
         let (_, ours) = client
-            .collect(&Request::key("sharded_parquet").filter(filter).columns(["n_genes", "percent_mito", "louvain"]))
+            .collect(&Request::key("sharded_parquet").filter(filter).columns([
+                "n_genes",
+                "percent_mito",
+                "louvain",
+            ]))
             .await?;
         let theirs = ctx
-            .sql(&format!("SELECT n_genes, percent_mito, louvain FROM t WHERE {filter}"))
+            .sql(&format!(
+                "SELECT n_genes, percent_mito, louvain FROM t WHERE {filter}"
+            ))
             .await?
             .collect()
             .await?;
@@ -94,22 +119,41 @@ async fn filter_columns_limit_equal_datafusion_alone() -> TestResult {
         assert_eq!(a, b, "filter {filter}");
     }
     let (schema, limited) = client
-        .collect(&Request::key("sharded_parquet").columns(["percent_mito", "cell_type"]).limit(7))
+        .collect(
+            &Request::key("sharded_parquet")
+                .columns(["percent_mito", "cell_type"])
+                .limit(7),
+        )
         .await?;
     assert_eq!(rows(&limited), 7);
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(names, ["percent_mito", "cell_type"]);
-    let (_, none) = client.collect(&Request::key("sharded_parquet").limit(0)).await?;
+    let (_, none) = client
+        .collect(&Request::key("sharded_parquet").limit(0))
+        .await?;
     assert_eq!(rows(&none), 0);
     Ok(())
 }
 
 fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
-    let Some(first) = batches.first() else { return Vec::new() };
-    let names: Vec<String> = first.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let Some(first) = batches.first() else {
+        return Vec::new();
+    };
+    let names: Vec<String> = first
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let columns: Vec<Vec<String>> = names.iter().map(|n| column_strings(batches, n)).collect();
     (0..rows(batches))
-        .map(|i| columns.iter().map(|c| c[i].clone()).collect::<Vec<_>>().join("|"))
+        .map(|i| {
+            columns
+                .iter()
+                .map(|c| c[i].clone())
+                .collect::<Vec<_>>()
+                .join("|")
+        })
         .collect()
 }
 
@@ -122,29 +166,47 @@ async fn put_versions_and_collections() -> TestResult {
         Field::new("name", DataType::Utf8, true),
     ]));
     let batch = |ids: Vec<i64>| {
-        let names: Vec<Option<String>> = ids.iter().map(|i| (i % 2 == 0).then(|| format!("n{i}"))).collect();
+        let names: Vec<Option<String>> = ids
+            .iter()
+            .map(|i| (i % 2 == 0).then(|| format!("n{i}")))
+            .collect();
         RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(Int64Array::from(ids)), Arc::new(StringArray::from(names))],
+            vec![
+                Arc::new(Int64Array::from(ids)),
+                Arc::new(StringArray::from(names)),
+            ],
         )
     };
     let v1 = client.put("uploads", vec![batch(vec![1, 2, 3])?]).await?;
     assert_eq!(v1["version"], 1);
     assert_eq!(v1["n_observations"], 3);
     let again = client.put("uploads", vec![batch(vec![1, 2, 3])?]).await?;
-    assert_eq!(again["uid"], v1["uid"], "same content returns the existing record");
-    let v2 = client.put("uploads", vec![batch(vec![4, 5])?, batch(vec![6])?]).await?;
+    assert_eq!(
+        again["uid"], v1["uid"],
+        "same content returns the existing record"
+    );
+    let v2 = client
+        .put("uploads", vec![batch(vec![4, 5])?, batch(vec![6])?])
+        .await?;
     assert_eq!(v2["version"], 2);
-    assert_eq!(v2["uid"].as_str().map(|s| &s[..16]), v1["uid"].as_str().map(|s| &s[..16]));
+    assert_eq!(
+        v2["uid"].as_str().map(|s| &s[..16]),
+        v1["uid"].as_str().map(|s| &s[..16])
+    );
 
     let (_, latest) = client.collect(&Request::key("uploads")).await?;
     assert_eq!(column_strings(&latest, "id"), ["4", "5", "6"]);
     let old = v1["uid"].as_str().unwrap_or_default();
-    let (_, first) = client.collect(&Request::key("uploads").version(old)).await?;
+    let (_, first) = client
+        .collect(&Request::key("uploads").version(old))
+        .await?;
     assert_eq!(column_strings(&first, "id"), ["1", "2", "3"]);
     assert_eq!(column_strings(&first, "name"), ["", "n2", ""]);
 
-    let versions = client.action("list_versions", json!({"key": "uploads"})).await?;
+    let versions = client
+        .action("list_versions", json!({"key": "uploads"}))
+        .await?;
     assert_eq!(versions.as_array().map(Vec::len), Some(2));
 
     // A collection of both versions' keys: rows in member order, columns unified.
@@ -154,11 +216,17 @@ async fn put_versions_and_collections() -> TestResult {
     ]));
     let other = RecordBatch::try_new(
         extra.clone(),
-        vec![Arc::new(Int64Array::from(vec![10, 11])), Arc::new(Int64Array::from(vec![7, 8]))],
+        vec![
+            Arc::new(Int64Array::from(vec![10, 11])),
+            Arc::new(Int64Array::from(vec![7, 8])),
+        ],
     )?;
     client.put("more", vec![other]).await?;
     let collection = client
-        .action("create_collection", json!({"key": "both", "members": ["uploads", "more"]}))
+        .action(
+            "create_collection",
+            json!({"key": "both", "members": ["uploads", "more"]}),
+        )
         .await?;
     assert_eq!(collection["kind"], "collection");
     let info = client.info(&Request::key("both")).await?;
@@ -168,7 +236,9 @@ async fn put_versions_and_collections() -> TestResult {
     assert_eq!(names, ["id", "name", "score"]);
     assert_eq!(column_strings(&batches, "id"), ["4", "5", "6", "10", "11"]);
     assert_eq!(column_strings(&batches, "score"), ["", "", "", "7", "8"]);
-    let (_, filtered) = client.collect(&Request::key("both").filter("id > 5")).await?;
+    let (_, filtered) = client
+        .collect(&Request::key("both").filter("id > 5"))
+        .await?;
     assert_eq!(column_strings(&filtered, "id"), ["6", "10", "11"]);
 
     // A query set over every upload, in key order.
@@ -184,14 +254,22 @@ async fn put_versions_and_collections() -> TestResult {
     )?;
     client.put("clash", vec![clash]).await?;
     let err = client
-        .action("create_collection", json!({"key": "bad", "members": ["uploads", "clash"]}))
+        .action(
+            "create_collection",
+            json!({"key": "bad", "members": ["uploads", "clash"]}),
+        )
         .await
         .expect_err("type clash");
     assert_eq!(err.code(), Some(Code::InvalidArgument));
-    assert!(err.to_string().contains("clash") && err.to_string().contains("'id'"), "{err}");
+    assert!(
+        err.to_string().contains("clash") && err.to_string().contains("'id'"),
+        "{err}"
+    );
 
     // Delete to trash: the key is gone, the old version stays readable by uid.
-    client.action("delete", json!({"key": "uploads", "version": v2["uid"]})).await?;
+    client
+        .action("delete", json!({"key": "uploads", "version": v2["uid"]}))
+        .await?;
     let (_, back) = client.collect(&Request::key("uploads")).await?;
     assert_eq!(column_strings(&back, "id"), ["1", "2", "3"]);
     Ok(())
@@ -204,12 +282,28 @@ async fn listing_and_describe() -> TestResult {
     let all = client.list(None).await?;
     assert_eq!(all.len(), 1);
     let info = &all[0];
-    assert_eq!(info.flight_descriptor.as_ref().map(|d| d.path.clone()), Some(vec!["sharded_parquet".to_string()]));
+    assert_eq!(
+        info.flight_descriptor.as_ref().map(|d| d.path.clone()),
+        Some(vec!["sharded_parquet".to_string()])
+    );
     assert_eq!(info.total_records, 700);
     assert!(info.clone().try_decode_schema().is_ok());
-    assert!(client.list(Some(json!({"suffix": ".h5ad"}))).await?.is_empty());
-    assert_eq!(client.list(Some(json!({"key_prefix": "sharded"}))).await?.len(), 1);
-    let described = client.action("describe", json!({"key": "sharded_parquet"})).await?;
+    assert!(
+        client
+            .list(Some(json!({"suffix": ".h5ad"})))
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        client
+            .list(Some(json!({"key_prefix": "sharded"})))
+            .await?
+            .len(),
+        1
+    );
+    let described = client
+        .action("describe", json!({"key": "sharded_parquet"}))
+        .await?;
     assert_eq!(described["suffix"], "");
     assert_eq!(described["otype"], "DataFrame");
     assert_eq!(described["uid"].as_str().map(str::len), Some(20));
@@ -227,7 +321,9 @@ async fn many_shards_give_many_endpoints_in_order() -> TestResult {
     let info = client.info(&Request::key("sorted")).await?;
     assert!(info.endpoint.len() > 1, "{} endpoints", info.endpoint.len());
     assert_eq!(info.total_records, 16_000);
-    let (_, batches) = client.collect(&Request::key("sorted").columns(["id"])).await?;
+    let (_, batches) = client
+        .collect(&Request::key("sorted").columns(["id"]))
+        .await?;
     let ids = column_strings(&batches, "id");
     let expected: Vec<String> = (0..16_000).map(|i| i.to_string()).collect();
     assert_eq!(ids, expected, "endpoints in order, rows in order");

@@ -19,10 +19,14 @@ async fn run(
     let plan: std::sync::Arc<dyn ExecutionPlan> = planned.plan.clone();
     let batches = collect(plan.clone(), planned.task.clone()).await?;
     let text = displayable(plan.as_ref()).indent(true).to_string()
-        + &displayable(plan.as_ref()).indent(true).to_string().replace('\n', " ");
-    let with_metrics = datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
-        .indent(true)
-        .to_string();
+        + &displayable(plan.as_ref())
+            .indent(true)
+            .to_string()
+            .replace('\n', " ");
+    let with_metrics =
+        datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
+            .indent(true)
+            .to_string();
     let mut rows = column_strings(&batches, "id");
     rows.sort();
     Ok((rows, format!("{text}\n{with_metrics}")))
@@ -41,20 +45,28 @@ async fn partitions_and_row_groups_are_pruned_and_answers_match() -> TestResult 
     // 4 shards x 20 row groups of 1000 rows, ids sorted: a filter on id hits one row group.
     let folder = write_sorted_folder(&dir.path().join("sorted"), 4, 20_000, 1_000);
     let pruned = registry_with(&dir.path().join("data"), default_config());
-    pruned.register(folder.to_str().unwrap_or_default(), "sorted", None, true).await?;
+    pruned
+        .register(folder.to_str().unwrap_or_default(), "sorted", None, true)
+        .await?;
 
     let (rows, plan) = run(&pruned, r#"{"key": "sorted", "filter": "part = 2"}"#).await?;
     assert_eq!(rows.len(), 20_000);
     assert!(plan.contains("part=2/data.parquet"), "{plan}");
     for other in ["part=0/", "part=1/", "part=3/"] {
-        assert!(!plan.contains(other), "partition {other} should not be scanned:\n{plan}");
+        assert!(
+            !plan.contains(other),
+            "partition {other} should not be scanned:\n{plan}"
+        );
     }
 
     let filter = r#"{"key": "sorted", "filter": "id >= 41000 AND id < 41010"}"#;
     let (rows, plan) = run(&pruned, filter).await?;
     assert_eq!(rows.len(), 10);
     let pruning = metric(&plan, "row_groups_pruned_statistics").expect("row group metric in plan");
-    assert!(pruning.contains("79 pruned") || pruning.contains("1 matched"), "row groups: {pruning}\n{plan}");
+    assert!(
+        pruning.contains("79 pruned") || pruning.contains("1 matched"),
+        "row groups: {pruning}\n{plan}"
+    );
 
     // The same answers with every kind of pruning off.
     let mut config = default_config();
@@ -63,7 +75,9 @@ async fn partitions_and_row_groups_are_pruned_and_answers_match() -> TestResult 
     parquet.enable_page_index = false;
     parquet.pushdown_filters = false;
     let unpruned = registry_with(&dir.path().join("data2"), config);
-    unpruned.register(folder.to_str().unwrap_or_default(), "sorted", None, true).await?;
+    unpruned
+        .register(folder.to_str().unwrap_or_default(), "sorted", None, true)
+        .await?;
     for command in [
         filter,
         r#"{"key": "sorted", "filter": "part = 2"}"#,
@@ -75,8 +89,39 @@ async fn partitions_and_row_groups_are_pruned_and_answers_match() -> TestResult 
         assert_eq!(a, b, "{command}");
         if command == filter {
             let matched = metric(&plan, "row_groups_pruned_statistics");
-            assert!(matched.is_none_or(|m| !m.contains("79 pruned")), "pruning was off: {plan}");
+            assert!(
+                matched.is_none_or(|m| !m.contains("79 pruned")),
+                "pruning was off: {plan}"
+            );
         }
     }
+    Ok(())
+}
+
+/// Each endpoint reads only its own files: executing one partition alone never returns rows that
+/// belong to another (DataFusion's work stealing would otherwise hand them all to the first).
+#[tokio::test]
+async fn partitions_read_only_their_own_files() -> TestResult {
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir()?;
+    let registry = registry_with(&dir.path().join("data"), default_config());
+    registry
+        .register(demo_dir().to_str().unwrap_or_default(), "demo", None, true)
+        .await?;
+    let command = Command::from_json(br#"{"key": "demo"}"#)?;
+    let resolved = registry.planner().resolve(&command).await?;
+    let planned = registry.planner().plan(&command, &resolved.sources).await?;
+    assert!(planned.endpoint_count() > 1);
+    let mut total = 0;
+    for p in 0..planned.endpoint_count() {
+        let batches: Vec<_> = planned.execute(p)?.try_collect().await?;
+        assert!(
+            rows(&batches) < 700,
+            "partition {p} read {} rows",
+            rows(&batches)
+        );
+        total += rows(&batches);
+    }
+    assert_eq!(total, 700);
     Ok(())
 }

@@ -1,6 +1,7 @@
 """Interop: pyarrow.flight against artiflight, checked with pyarrow.dataset and DuckDB."""
 
 import json
+import shutil
 
 import duckdb
 import pyarrow as pa
@@ -120,12 +121,23 @@ def test_doput_round_trip(client):
     assert back.equals(table)
 
 
+def register(client, path, key):
+    body = json.dumps({"path": str(path), "key": key}).encode()
+    return json.loads(next(iter(client.do_action(flight.Action("register", body)))).body.to_pybytes())
+
+
 def test_register_through_the_server(client, server):
-    body = json.dumps({"path": str(server.files / "sharded_parquet"), "key": "registered"}).encode()
-    record = json.loads(next(iter(client.do_action(flight.Action("register", body)))).body.to_pybytes())
-    assert record["n_files"] == 11 and record["suffix"] == ""
+    copy = server.files / "sharded_parquet"
+    # Identical content is the same artifact, whatever the key.
+    same = register(client, copy, "registered")
+    assert same["key"] == "sharded_parquet" and same["n_files"] == 11
+    # Different content (one shard fewer) is a new artifact.
+    shutil.rmtree(copy / "louvain=10")
+    record = register(client, copy, "registered")
+    assert record["key"] == "registered" and record["n_files"] == 10 and record["suffix"] == ""
     _, ours = read_all(client, flight.FlightDescriptor.for_path("registered"))
-    assert ours.num_rows == 700
+    expected = ds.dataset(copy, format="parquet", partitioning="hive").to_table()
+    assert ours.to_pandas().equals(expected.to_pandas())
 
 
 @pytest.mark.parametrize("descriptor, exception", [

@@ -127,7 +127,10 @@ impl RecordFilter {
 
     pub fn matches_key(&self, key: &str) -> bool {
         self.key.as_deref().is_none_or(|k| k == key)
-            && self.key_prefix.as_deref().is_none_or(|p| key.starts_with(p))
+            && self
+                .key_prefix
+                .as_deref()
+                .is_none_or(|p| key.starts_with(p))
     }
 }
 

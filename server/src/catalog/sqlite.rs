@@ -164,14 +164,22 @@ fn artifact_from_row(row: &Row<'_>) -> rusqlite::Result<ArtifactRecord> {
     })
 }
 
-fn artifact_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) -> Result<Vec<ArtifactRecord>> {
+fn artifact_where(
+    conn: &Connection,
+    clause: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<ArtifactRecord>> {
     let sql = format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE {clause}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(args, artifact_from_row)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
-fn collection_where(conn: &Connection, clause: &str, args: impl rusqlite::Params) -> Result<Vec<CollectionRecord>> {
+fn collection_where(
+    conn: &Connection,
+    clause: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<CollectionRecord>> {
     let sql = format!(
         "SELECT uid, key, description, hash, version, is_latest, created_at, trashed_at \
          FROM collections WHERE {clause}"
@@ -215,7 +223,9 @@ fn collection_where(conn: &Connection, clause: &str, args: impl rusqlite::Params
 fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String, u32, u32)> {
     let latest: Option<(String, u32)> = tx
         .query_row(
-            &format!("SELECT uid, version FROM {table} WHERE key = ?1 ORDER BY version DESC LIMIT 1"),
+            &format!(
+                "SELECT uid, version FROM {table} WHERE key = ?1 ORDER BY version DESC LIMIT 1"
+            ),
             [key],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -223,7 +233,10 @@ fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String,
     match latest {
         None => Ok((new_stem(), 0, 1)),
         Some((uid, version)) => {
-            tx.execute(&format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"), [key])?;
+            tx.execute(
+                &format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"),
+                [key],
+            )?;
             let stem = uid.get(..16).unwrap_or(&uid).to_string();
             Ok((stem, version, version + 1))
         }
@@ -232,7 +245,10 @@ fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String,
 
 /// After a version left the untrashed set, the newest remaining one becomes the latest.
 fn promote_latest(tx: &Transaction<'_>, table: &str, key: &str) -> Result<()> {
-    tx.execute(&format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"), [key])?;
+    tx.execute(
+        &format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"),
+        [key],
+    )?;
     tx.execute(
         &format!(
             "UPDATE {table} SET is_latest = 1 WHERE uid = (SELECT uid FROM {table} \
@@ -259,8 +275,8 @@ impl CatalogStore for SqliteCatalog {
             let uid = uid(&stem, counter);
             tx.execute(
                 &format!(
-                    "INSERT INTO artifacts ({ARTIFACT_COLUMNS}) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL)"
+                    "INSERT INTO artifacts ({ARTIFACT_COLUMNS}, stem) VALUES \
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL, ?16)"
                 ),
                 params![
                     uid,
@@ -278,6 +294,7 @@ impl CatalogStore for SqliteCatalog {
                     new.path,
                     new.managed,
                     new.trusted,
+                    stem,
                 ],
             )?;
             let record = artifact_where(tx, "uid = ?1", [&uid])?
@@ -407,7 +424,9 @@ impl CatalogStore for SqliteCatalog {
                     .map(Entry::Collection),
             );
             if entries.is_empty() {
-                return Err(Error::not_found(format!("no artifact or collection with key '{key}'")));
+                return Err(Error::not_found(format!(
+                    "no artifact or collection with key '{key}'"
+                )));
             }
             Ok(entries)
         })
@@ -521,13 +540,19 @@ mod tests {
         assert_eq!(&v2.uid[..16], &v1.uid[..16]);
         assert!(v2.uid.ends_with("0001"));
         assert_eq!(v2.version, 2);
-        let Entry::Artifact(latest) = catalog.resolve("a", None)? else { panic!("not an artifact") };
+        let Entry::Artifact(latest) = catalog.resolve("a", None)? else {
+            panic!("not an artifact")
+        };
         assert_eq!(latest.uid, v2.uid);
-        let Entry::Artifact(old) = catalog.resolve("a", Some(&v1.uid))? else { panic!("not an artifact") };
+        let Entry::Artifact(old) = catalog.resolve("a", Some(&v1.uid))? else {
+            panic!("not an artifact")
+        };
         assert!(!old.is_latest);
         // Trashing the latest version promotes the previous one.
         catalog.delete("a", Some(&v2.uid), false)?;
-        let Entry::Artifact(latest) = catalog.resolve("a", None)? else { panic!("not an artifact") };
+        let Entry::Artifact(latest) = catalog.resolve("a", None)? else {
+            panic!("not an artifact")
+        };
         assert_eq!(latest.uid, v1.uid);
         Ok(())
     }
@@ -554,17 +579,21 @@ mod tests {
                     // A connection per thread stands in for separate processes.
                     let catalog = SqliteCatalog::open(&path)?;
                     for i in 0..25 {
-                        catalog.register(new_artifact(&format!("k{}", i % 5), &format!("h{w}-{i}")))?;
+                        catalog
+                            .register(new_artifact(&format!("k{}", i % 5), &format!("h{w}-{i}")))?;
                     }
                     Ok(())
                 })
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| Error::Internal("writer panicked".into()))??;
+            h.join()
+                .map_err(|_| Error::Internal("writer panicked".into()))??;
         }
         let catalog = SqliteCatalog::open(&path)?;
-        let total: usize = (0..5).map(|k| catalog.versions(&format!("k{k}")).map(|v| v.len())).sum::<Result<usize>>()?;
+        let total: usize = (0..5)
+            .map(|k| catalog.versions(&format!("k{k}")).map(|v| v.len()))
+            .sum::<Result<usize>>()?;
         assert_eq!(total, 100);
         assert_eq!(catalog.list(&RecordFilter::default())?.len(), 5);
         Ok(())

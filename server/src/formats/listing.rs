@@ -11,7 +11,9 @@ use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::prelude::SessionContext;
 
 use super::Format;
@@ -51,19 +53,21 @@ impl Format for Listing {
         let format: Arc<dyn FileFormat> = match ext.as_str() {
             // Built from the session's options, so that pruning and page-index settings apply.
             ".parquet" => Arc::new(
-                ParquetFormat::default()
-                    .with_options(state.table_options().parquet.clone()),
+                ParquetFormat::default().with_options(state.table_options().parquet.clone()),
             ),
             ".csv" => Arc::new(CsvFormat::default().with_has_header(true)),
             _ => Arc::new(ArrowFormat),
         };
-        let partitions = if located.is_folder { hive_partitions(located)? } else { Vec::new() };
-        let table_url = ListingTableUrl::parse(located.url.as_str()).map_err(Error::from_datafusion)?;
+        let partitions = if located.is_folder {
+            hive_partitions(located)?
+        } else {
+            Vec::new()
+        };
+        let table_url =
+            ListingTableUrl::parse(located.url.as_str()).map_err(Error::from_datafusion)?;
         let options = ListingOptions::new(format)
             .with_file_extension(ext)
-            .with_table_partition_cols(partitions)
-            .with_collect_stat(true)
-            .with_target_partitions(state.config().target_partitions());
+            .with_table_partition_cols(partitions);
         let schema = options
             .infer_schema(&state, &table_url)
             .await
@@ -99,10 +103,17 @@ fn hive_partitions(located: &Located) -> Result<Vec<(String, DataType)>> {
             .collect();
         match &mut columns {
             None => {
-                columns = Some(pairs.iter().map(|(k, v)| (k.to_string(), is_int32(v))).collect());
+                columns = Some(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), is_int32(v)))
+                        .collect(),
+                );
             }
             Some(known) => {
-                if known.len() != pairs.len() || known.iter().zip(&pairs).any(|((k, _), (k2, _))| k != k2) {
+                if known.len() != pairs.len()
+                    || known.iter().zip(&pairs).any(|((k, _), (k2, _))| k != k2)
+                {
                     return Err(Error::invalid(format!(
                         "'{}' mixes partition layouts: '{rel}' does not follow the others",
                         located.url

@@ -44,9 +44,12 @@ pub trait Format: Send + Sync {
     /// without a full scan.
     async fn inspect(&self, ctx: &SessionContext, located: &Located) -> Result<Inspection> {
         let table = self.open(ctx, located, &[]).await?;
-        let plan = table.scan(&ctx.state(), None, &[], None).await.map_err(Error::from_datafusion)?;
-        let rows = match plan.partition_statistics(None).map(|s| s.num_rows) {
-            Ok(Precision::Exact(n)) => Some(n as u64),
+        let plan = table
+            .scan(&ctx.state(), None, &[], None)
+            .await
+            .map_err(Error::from_datafusion)?;
+        let rows = match crate::query::statistics(plan.as_ref()).map(|s| s.num_rows) {
+            Some(Precision::Exact(n)) => Some(n as u64),
             _ => None,
         };
         Ok(Inspection {
@@ -65,10 +68,12 @@ pub fn artifact_suffix(located: &Located) -> String {
     let name = located
         .url
         .path_segments()
-        .and_then(|s| s.filter(|s| !s.is_empty()).last().map(str::to_string))
+        .and_then(|mut s| s.rfind(|s| !s.is_empty()).map(str::to_string))
         .unwrap_or_default();
     match name.rfind('.') {
-        Some(dot) if !located.is_folder || name.ends_with(".zarr") => name[dot..].to_ascii_lowercase(),
+        Some(dot) if !located.is_folder || name.ends_with(".zarr") => {
+            name[dot..].to_ascii_lowercase()
+        }
         _ => String::new(),
     }
 }
@@ -81,7 +86,9 @@ fn format_suffix(located: &Located, suffix: &str) -> String {
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for file in &located.files {
         if let Some(ext) = file.location.extension() {
-            *counts.entry(format!(".{}", ext.to_ascii_lowercase())).or_default() += 1;
+            *counts
+                .entry(format!(".{}", ext.to_ascii_lowercase()))
+                .or_default() += 1;
         }
     }
     counts
@@ -98,5 +105,10 @@ pub fn format_for(located: &Located, suffix: &str) -> Result<&'static dyn Format
         .iter()
         .copied()
         .find(|f| f.claims(&suffix))
-        .ok_or_else(|| Error::invalid(format!("no reader for '{}' (suffix '{suffix}')", located.url)))
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "no reader for '{}' (suffix '{suffix}')",
+                located.url
+            ))
+        })
 }

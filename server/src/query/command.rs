@@ -80,7 +80,9 @@ impl Command {
 
     fn validate(&self) -> Result<()> {
         match (&self.key, &self.query) {
-            (Some(_), Some(_)) => Err(Error::invalid("a command takes either 'key' or 'query', not both")),
+            (Some(_), Some(_)) => Err(Error::invalid(
+                "a command takes either 'key' or 'query', not both",
+            )),
             (None, None) => Err(Error::invalid("a command needs 'key' or 'query'")),
             (None, Some(_)) if self.version.is_some() => {
                 Err(Error::invalid("'version' needs 'key', not 'query'"))
@@ -91,7 +93,9 @@ impl Command {
         if let Some([start, stop]) = self.obs_range
             && start > stop
         {
-            return Err(Error::invalid(format!("obs_range [{start}, {stop}) is empty or reversed")));
+            return Err(Error::invalid(format!(
+                "obs_range [{start}, {stop}) is empty or reversed"
+            )));
         }
         Ok(())
     }
@@ -134,7 +138,11 @@ mod tests {
             b"{\"query\": {\"nope\": 1}}",
             b"\xff\xfe",
         ] {
-            assert!(Command::from_json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                Command::from_json(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

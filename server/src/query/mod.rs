@@ -7,5 +7,5 @@ mod plan;
 mod ticket;
 
 pub use command::{Command, Layout};
-pub use plan::{Planned, Planner, Resolved, session_config, unify_schemas};
+pub use plan::{Planned, Planner, Resolved, session_config, statistics, unify_schemas};
 pub use ticket::TicketSpec;

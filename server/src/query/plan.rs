@@ -8,10 +8,16 @@ use datafusion::common::stats::Precision;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::ViewTable;
 use datafusion::execution::TaskContext;
-use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{Expr, lit};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ExecutionPlan, ExecutionPlanProperties, SendableRecordBatchStream, StatisticsArgs,
+    StatisticsContext,
+};
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use futures::{StreamExt, TryStreamExt, stream};
 use url::Url;
 
 use super::Command;
@@ -36,7 +42,17 @@ pub fn session_config(target_partitions: usize) -> SessionConfig {
     options.execution.parquet.pushdown_filters = true;
     options.execution.parquet.reorder_filters = true;
     options.sql_parser.map_string_types_to_utf8view = false;
+    // Each endpoint executes one partition on its own (possibly on another server): a partition
+    // must read exactly its own file group, never steal its siblings' files.
+    options.execution.enable_file_stream_work_stealing = false;
     config
+}
+
+/// The plan's overall statistics (row counts from parquet footers, for one), if it has any.
+pub fn statistics(plan: &dyn ExecutionPlan) -> Option<Arc<datafusion::common::Statistics>> {
+    StatisticsContext::new()
+        .compute(plan, &StatisticsArgs::new())
+        .ok()
 }
 
 /// Plans commands against the catalog and storage.
@@ -56,10 +72,15 @@ pub struct Resolved {
     pub sources: Vec<ArtifactRecord>,
 }
 
-/// A physical plan, ready to execute one partition at a time.
+/// A physical plan, ready to execute one endpoint at a time.
+///
+/// Without a limit, each output partition of the plan is one endpoint. With a limit, the flight is
+/// one endpoint that runs the partitions in order and stops once the limit is reached, so that the
+/// rows are the first ones in flight order and the scan ends early.
 pub struct Planned {
     pub plan: Arc<dyn ExecutionPlan>,
     pub task: Arc<TaskContext>,
+    pub limit: Option<usize>,
 }
 
 impl Planned {
@@ -67,8 +88,12 @@ impl Planned {
         self.plan.schema()
     }
 
-    pub fn partition_count(&self) -> usize {
-        self.plan.output_partitioning().partition_count()
+    /// How many endpoints (tickets) the flight has.
+    pub fn endpoint_count(&self) -> usize {
+        match self.limit {
+            Some(_) => 1,
+            None => self.plan.output_partitioning().partition_count(),
+        }
     }
 
     /// `(total_records, total_bytes)`, each -1 unless known exactly without a scan.
@@ -77,19 +102,71 @@ impl Planned {
             Precision::Exact(n) => i64::try_from(*n).unwrap_or(-1),
             _ => -1,
         };
-        match self.plan.partition_statistics(None) {
-            Ok(stats) => (exact(&stats.num_rows), exact(&stats.total_byte_size)),
-            Err(_) => (-1, -1),
+        match statistics(self.plan.as_ref()) {
+            Some(stats) => {
+                let rows = match (exact(&stats.num_rows), self.limit) {
+                    (-1, _) => -1,
+                    (n, Some(limit)) => n.min(i64::try_from(limit).unwrap_or(i64::MAX)),
+                    (n, None) => n,
+                };
+                let bytes = if self.limit.is_some() {
+                    -1
+                } else {
+                    exact(&stats.total_byte_size)
+                };
+                (rows, bytes)
+            }
+            None => (-1, -1),
         }
+    }
+
+    /// Streams endpoint `index`. Lazy: nothing is read until the stream is polled, and dropping
+    /// it stops the scan.
+    pub fn execute(&self, index: usize) -> Result<SendableRecordBatchStream> {
+        let Some(limit) = self.limit else {
+            return self
+                .plan
+                .execute(index, Arc::clone(&self.task))
+                .map_err(Error::from_datafusion);
+        };
+        let plan = Arc::clone(&self.plan);
+        let task = Arc::clone(&self.task);
+        let partitions = plan.output_partitioning().partition_count();
+        let schema = plan.schema();
+        let batches = stream::iter(0..partitions)
+            .map(move |p| plan.execute(p, Arc::clone(&task)))
+            .try_flatten()
+            .boxed();
+        let capped = stream::unfold((batches, limit), |(mut batches, left)| async move {
+            if left == 0 {
+                return None;
+            }
+            match batches.next().await? {
+                Ok(batch) => {
+                    let n = batch.num_rows().min(left);
+                    Some((Ok(batch.slice(0, n)), (batches, left - n)))
+                }
+                Err(e) => Some((Err(e), (batches, 0))),
+            }
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, capped)))
     }
 }
 
 impl Planner {
     pub fn new(catalog: Catalog, storage: Arc<Storage>, config: SessionConfig) -> Self {
+        // No listing cache: a folder's files may change between two requests, and a stale list
+        // names files that are gone. Footer and statistics caches stay: they check size and
+        // modification time.
+        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
+            .build_arc()
+            .unwrap_or_else(|_| Arc::new(RuntimeEnv::default()));
         Self {
             catalog,
             storage,
-            runtime: Arc::new(RuntimeEnv::default()),
+            runtime,
             config,
         }
     }
@@ -124,11 +201,17 @@ impl Planner {
             if sources.is_empty() {
                 return Err(Error::not_found("no artifact matches the query"));
             }
-            return Ok(Resolved { entry: None, sources });
+            return Ok(Resolved {
+                entry: None,
+                sources,
+            });
         }
         let key = command.key.clone().unwrap_or_default();
         let version = command.version.clone();
-        let entry = self.catalog.run(move |c| c.resolve(&key, version.as_deref())).await?;
+        let entry = self
+            .catalog
+            .run(move |c| c.resolve(&key, version.as_deref()))
+            .await?;
         let sources = match &entry {
             Entry::Artifact(a) => vec![a.clone()],
             Entry::Collection(c) => {
@@ -136,7 +219,10 @@ impl Planner {
                 self.catalog.run(move |c| c.artifacts(&uids)).await?
             }
         };
-        Ok(Resolved { entry: Some(entry), sources })
+        Ok(Resolved {
+            entry: Some(entry),
+            sources,
+        })
     }
 
     /// The artifacts a ticket names.
@@ -154,8 +240,9 @@ impl Planner {
         record: &ArtifactRecord,
         element: &[String],
     ) -> Result<Arc<dyn TableProvider>> {
-        let url = Url::parse(&record.path)
-            .map_err(|e| Error::Internal(format!("record {} has an invalid path: {e}", record.uid)))?;
+        let url = Url::parse(&record.path).map_err(|e| {
+            Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
+        })?;
         if !record.trusted {
             self.storage.check_allowed(&url)?;
         }
@@ -167,7 +254,8 @@ impl Planner {
             other => other,
         })?;
         if url.scheme() != "file" {
-            self.runtime.register_object_store(&url, Arc::clone(&located.store));
+            self.runtime
+                .register_object_store(&url, Arc::clone(&located.store));
         }
         formats::format_for(&located, &record.suffix)?
             .open(ctx, &located, element)
@@ -188,7 +276,10 @@ impl Planner {
         if tables.len() == 1 {
             return Ok(tables.remove(0).1);
         }
-        let schemas: Vec<(String, SchemaRef)> = tables.iter().map(|(k, t)| (k.clone(), t.schema())).collect();
+        let schemas: Vec<(String, SchemaRef)> = tables
+            .iter()
+            .map(|(k, t)| (k.clone(), t.schema()))
+            .collect();
         let unified = unify_schemas(&schemas)?;
         let mut union: Option<DataFrame> = None;
         for (_, table) in tables {
@@ -200,7 +291,8 @@ impl Planner {
                     if member.index_of(field.name()).is_ok() {
                         Ok(Expr::Column(Column::new_unqualified(field.name())))
                     } else {
-                        let null = ScalarValue::try_from(field.data_type()).map_err(Error::from_datafusion)?;
+                        let null = ScalarValue::try_from(field.data_type())
+                            .map_err(Error::from_datafusion)?;
                         Ok(lit(null).alias(field.name()))
                     }
                 })
@@ -229,12 +321,18 @@ impl Planner {
         let table = self.union(&ctx, sources, &command.element).await?;
         let mut df = ctx.read_table(table).map_err(Error::from_datafusion)?;
         if let Some(filter) = &command.filter {
-            let expr = ctx
-                .parse_sql_expr(filter, df.schema())
-                .map_err(|e| Error::invalid(format!("invalid filter '{filter}': {}", e.strip_backtrace())))?;
-            df = df
-                .filter(expr)
-                .map_err(|e| Error::invalid(format!("invalid filter '{filter}': {}", e.strip_backtrace())))?;
+            let expr = ctx.parse_sql_expr(filter, df.schema()).map_err(|e| {
+                Error::invalid(format!(
+                    "invalid filter '{filter}': {}",
+                    e.strip_backtrace()
+                ))
+            })?;
+            df = df.filter(expr).map_err(|e| {
+                Error::invalid(format!(
+                    "invalid filter '{filter}': {}",
+                    e.strip_backtrace()
+                ))
+            })?;
         }
         if let Some(columns) = &command.columns {
             let names: Vec<&str> = columns.iter().map(String::as_str).collect();
@@ -242,13 +340,15 @@ impl Planner {
                 .select_columns(&names)
                 .map_err(|e| Error::invalid(format!("invalid columns: {}", e.strip_backtrace())))?;
         }
-        if let Some(limit) = command.limit {
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            df = df.limit(0, Some(limit)).map_err(Error::from_datafusion)?;
-        }
+        let limit = command
+            .limit
+            .map(|l| usize::try_from(l).unwrap_or(usize::MAX));
         let task = Arc::new(df.task_ctx());
-        let plan = df.create_physical_plan().await.map_err(Error::from_datafusion)?;
-        Ok(Planned { plan, task })
+        let plan = df
+            .create_physical_plan()
+            .await
+            .map_err(Error::from_datafusion)?;
+        Ok(Planned { plan, task, limit })
     }
 }
 
@@ -278,10 +378,16 @@ pub fn unify_schemas(members: &[(String, SchemaRef)]) -> Result<SchemaRef> {
         }
     }
     for field in fields.iter_mut() {
-        if members.iter().any(|(_, s)| s.index_of(field.name()).is_err()) {
+        if members
+            .iter()
+            .any(|(_, s)| s.index_of(field.name()).is_err())
+        {
             field.set_nullable(true);
         }
     }
-    let metadata = members.first().map(|(_, s)| s.metadata().clone()).unwrap_or_default();
+    let metadata = members
+        .first()
+        .map(|(_, s)| s.metadata().clone())
+        .unwrap_or_default();
     Ok(Arc::new(Schema::new_with_metadata(fields, metadata)))
 }

@@ -29,7 +29,8 @@ impl TicketSpec {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let ticket = Ticket::decode(bytes).map_err(|e| Error::invalid(format!("malformed ticket: {e}")))?;
+        let ticket =
+            Ticket::decode(bytes).map_err(|e| Error::invalid(format!("malformed ticket: {e}")))?;
         if ticket.version != TICKET_VERSION {
             return Err(Error::invalid(format!(
                 "ticket version {} is not supported (this server reads version {TICKET_VERSION}); \

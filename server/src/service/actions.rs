@@ -9,11 +9,20 @@ use crate::registry::Registry;
 
 /// Every action, with the description ListActions shows.
 pub(crate) const ACTIONS: &[(&str, &str)] = &[
-    ("register", r#"Register a file or folder: {"path", "key", "description"?}"#),
-    ("create_collection", r#"Make a collection: {"key", "members": [KEY, ...], "description"?}"#),
+    (
+        "register",
+        r#"Register a file or folder: {"path", "key", "description"?}"#,
+    ),
+    (
+        "create_collection",
+        r#"Make a collection: {"key", "members": [KEY, ...], "description"?}"#,
+    ),
     ("describe", r#"The record of a key: {"key", "version"?}"#),
     ("list_versions", r#"Every version of a key: {"key"}"#),
-    ("delete", r#"Trash (or with "permanent", delete) a key or one version: {"key", "version"?, "permanent"?}"#),
+    (
+        "delete",
+        r#"Trash (or with "permanent", delete) a key or one version: {"key", "version"?, "permanent"?}"#,
+    ),
 ];
 
 #[derive(Deserialize)]
@@ -55,7 +64,8 @@ struct Delete {
 }
 
 fn parse<'a, T: Deserialize<'a>>(action: &str, body: &'a [u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("invalid body for action '{action}': {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("invalid body for action '{action}': {e}")))
 }
 
 /// Runs one action. Whether the caller may write is checked by the service before this.
@@ -64,17 +74,23 @@ pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Resul
     match action {
         "register" => {
             let r: Register = parse(action, body)?;
-            let (record, _) = registry.register(&r.path, &r.key, r.description, false).await?;
+            let (record, _) = registry
+                .register(&r.path, &r.key, r.description, false)
+                .await?;
             Ok(Entry::Artifact(record).to_json())
         }
         "create_collection" => {
             let r: CreateCollection = parse(action, body)?;
-            let (record, _) = registry.create_collection(&r.key, r.members, r.description).await?;
+            let (record, _) = registry
+                .create_collection(&r.key, r.members, r.description)
+                .await?;
             Ok(Entry::Collection(record).to_json())
         }
         "describe" => {
             let r: KeyVersion = parse(action, body)?;
-            let entry = catalog.run(move |c| c.resolve(&r.key, r.version.as_deref())).await?;
+            let entry = catalog
+                .run(move |c| c.resolve(&r.key, r.version.as_deref()))
+                .await?;
             Ok(entry.to_json())
         }
         "list_versions" => {
@@ -87,15 +103,14 @@ pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Resul
             let single = r.version.is_some();
             let deleted = registry.delete(&r.key, r.version, r.permanent).await?;
             let mut records: Vec<Value> = deleted.iter().map(Entry::to_json).collect();
-            Ok(if single && records.len() == 1 { records.remove(0) } else { json!(records) })
+            Ok(if single && records.len() == 1 {
+                records.remove(0)
+            } else {
+                json!(records)
+            })
         }
         other => Err(Error::invalid(format!(
             "unknown action '{other}'; ListActions lists the actions this server runs"
         ))),
     }
-}
-
-/// Whether an action changes the catalog (and so needs write permission).
-pub(crate) fn is_write(action: &str) -> bool {
-    !matches!(action, "describe" | "list_versions")
 }

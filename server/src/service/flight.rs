@@ -10,8 +10,8 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo, HandshakeRequest,
-    HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
@@ -41,7 +41,9 @@ impl FlightEndpoint {
         match DescriptorType::try_from(descriptor.r#type) {
             Ok(DescriptorType::Path) => Command::from_path(&descriptor.path),
             Ok(DescriptorType::Cmd) => Command::from_json(&descriptor.cmd),
-            _ => Err(Error::invalid("unknown descriptor type: expected PATH or CMD")),
+            _ => Err(Error::invalid(
+                "unknown descriptor type: expected PATH or CMD",
+            )),
         }
     }
 
@@ -60,7 +62,7 @@ impl FlightEndpoint {
         planned: &Planned,
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
-        let partition_count = planned.partition_count();
+        let partition_count = planned.endpoint_count();
         let endpoints = (0..partition_count).map(|partition| {
             let ticket = TicketSpec {
                 command: command.clone(),
@@ -98,7 +100,10 @@ impl FlightEndpoint {
             Entry::Artifact(a) => (Ok(vec![a.clone()]), a.n_observations),
             Entry::Collection(c) => {
                 let uids = c.members.clone();
-                (planner.catalog().run(move |s| s.artifacts(&uids)).await, None)
+                (
+                    planner.catalog().run(move |s| s.artifacts(&uids)).await,
+                    None,
+                )
             }
         };
         let schema = match sources {
@@ -131,7 +136,10 @@ impl FlightEndpoint {
             .flight_descriptor
             .clone()
             .ok_or_else(|| Error::invalid("DoPut's first message carries no descriptor"))?;
-        let key = match (DescriptorType::try_from(descriptor.r#type), descriptor.path.as_slice()) {
+        let key = match (
+            DescriptorType::try_from(descriptor.r#type),
+            descriptor.path.as_slice(),
+        ) {
             (Ok(DescriptorType::Path), [key]) => key.clone(),
             _ => return Err(Error::invalid("DoPut takes a path descriptor [KEY]")),
         };
@@ -182,7 +190,12 @@ impl FlightService for FlightEndpoint {
         request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
         let filter = RecordFilter::from_json_bytes(&request.get_ref().expression)?;
-        let entries = self.registry.planner().catalog().run(move |c| c.list(&filter)).await?;
+        let entries = self
+            .registry
+            .planner()
+            .catalog()
+            .run(move |c| c.list(&filter))
+            .await?;
         let this = self.clone();
         let infos: BoxStream<'static, Result<FlightInfo, Status>> = stream::iter(entries)
             .then(move |entry| {
@@ -199,14 +212,18 @@ impl FlightService for FlightEndpoint {
     ) -> Result<Response<FlightInfo>, Status> {
         let descriptor = request.into_inner();
         let (command, resolved, planned) = self.plan(&descriptor).await?;
-        Ok(Response::new(Self::flight_info(descriptor, &command, &resolved, &planned)?))
+        Ok(Response::new(Self::flight_info(
+            descriptor, &command, &resolved, &planned,
+        )?))
     }
 
     async fn poll_flight_info(
         &self,
         _request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
-        Err(Status::unimplemented("PollFlightInfo: use GetFlightInfo, which answers at once"))
+        Err(Status::unimplemented(
+            "PollFlightInfo: use GetFlightInfo, which answers at once",
+        ))
     }
 
     async fn get_schema(
@@ -221,12 +238,15 @@ impl FlightService for FlightEndpoint {
         Ok(Response::new(result))
     }
 
-    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let spec = TicketSpec::decode(&request.get_ref().ticket)?;
         let planner = self.registry.planner();
         let sources = planner.sources(spec.uids.clone()).await?;
         let planned = planner.plan(&spec.command, &sources).await?;
-        if planned.partition_count() != spec.partition_count {
+        if planned.endpoint_count() != spec.partition_count {
             return Err(Error::invalid(
                 "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
             )
@@ -236,9 +256,7 @@ impl FlightService for FlightEndpoint {
         // Pull-based: tonic asks for the next message only when the client can take it, and
         // dropping the response (a vanished client) drops the scan.
         let batches = planned
-            .plan
-            .execute(spec.partition, planned.task)
-            .map_err(|e| Status::from(Error::from_datafusion(e)))?
+            .execute(spec.partition)?
             .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from_datafusion(e)))));
         let flight = FlightDataEncoderBuilder::new()
             .with_schema(schema)
@@ -265,7 +283,10 @@ impl FlightService for FlightEndpoint {
         Err(Status::unimplemented("DoExchange is not supported"))
     }
 
-    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
         let body = actions::run(&self.registry, &action.r#type, &action.body).await?;
         Ok(Response::new(one(arrow_flight::Result {

@@ -69,8 +69,14 @@ mod tests {
     #[test]
     fn external_errors_keep_their_class() {
         let wrapped = DataFusionError::External(Box::new(Error::not_found("no key 'x'")));
-        assert_eq!(Status::from(Error::from_datafusion(wrapped)).code(), Code::NotFound);
+        assert_eq!(
+            Status::from(Error::from_datafusion(wrapped)).code(),
+            Code::NotFound
+        );
         let plan = DataFusionError::Plan("No field named nope".into());
-        assert_eq!(Status::from(Error::from_datafusion(plan)).code(), Code::InvalidArgument);
+        assert_eq!(
+            Status::from(Error::from_datafusion(plan)).code(),
+            Code::InvalidArgument
+        );
     }
 }
