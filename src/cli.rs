@@ -17,7 +17,7 @@ const DEFAULT_SERVER: &str = "grpc://127.0.0.1:8815";
 
 /// Serve scientific data artifacts (parquet, AnnData, HDF5, zarr) over Arrow Flight.
 #[derive(Parser, Debug)]
-#[command(name = "artiflight", version, about, propagate_version = true)]
+#[command(name = "artiflight", version, about)]
 pub(crate) struct Cli {
     #[command(flatten)]
     global: Global,
@@ -568,7 +568,21 @@ fn print_listing(records: &[Value]) {
 
 #[cfg(test)]
 mod tests {
-    use super::file_tree;
+    use super::{Cli, file_tree};
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+        // Global flags go before or after the subcommand.
+        for args in [
+            &["artiflight", "--data-dir", "d", "get", "k", "--version", "U"][..],
+            &["artiflight", "get", "k", "--server", "grpc://127.0.0.1:1", "--data-dir", "d"],
+            &["artiflight", "delete", "k", "--version", "U", "--permanent"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+    }
 
     #[test]
     fn tree_like_lamindb() {
