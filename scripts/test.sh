@@ -9,5 +9,7 @@ cargo build --bin artiflight
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
-export ARTIFLIGHT_BIN="$PWD/target/debug/artiflight"
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+export ARTIFLIGHT_BIN="$target_dir/debug/artiflight"
 .venv/bin/python -m pytest -q tests/python "$@"

@@ -329,3 +329,57 @@ async fn many_shards_give_many_endpoints_in_order() -> TestResult {
     assert_eq!(ids, expected, "endpoints in order, rows in order");
     Ok(())
 }
+
+#[tokio::test]
+async fn csv_and_arrow_files_read_back_as_written() -> TestResult {
+    let server = TestServer::start().await?;
+    let client = server.client().await?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, true),
+        Field::new("name", DataType::Utf8, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(Int64Array::from(vec![3, 1, 2])),
+            Arc::new(StringArray::from(vec!["c", "a", "b"])),
+        ],
+    )?;
+    let csv = server.dir.path().join("table.csv");
+    let mut writer = arrow::csv::Writer::new(std::fs::File::create(&csv)?);
+    writer.write(&batch)?;
+    drop(writer);
+    let ipc = server.dir.path().join("table.arrow");
+    let mut writer = arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&ipc)?, &schema)?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    for (path, key, suffix) in [(&csv, "csv", ".csv"), (&ipc, "ipc", ".arrow")] {
+        let record = client.action("register", json!({"path": path, "key": key})).await?;
+        assert_eq!(record["suffix"], suffix);
+        let (_, batches) = client.collect(&Request::key(key)).await?;
+        assert_eq!(column_strings(&batches, "id"), ["3", "1", "2"], "{key}");
+        assert_eq!(column_strings(&batches, "name"), ["c", "a", "b"], "{key}");
+        let (_, filtered) = client.collect(&Request::key(key).filter("id >= 2").columns(["name"])).await?;
+        assert_eq!(column_strings(&filtered, "name"), ["c", "b"], "{key}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_vanished_client_does_not_stop_the_server() -> TestResult {
+    use futures::StreamExt;
+    let server = TestServer::start().await?;
+    let dir = write_sorted_folder(&server.dir.path().join("big"), 2, 200_000, 10_000);
+    let client = server.client().await?;
+    client.action("register", json!({"path": dir, "key": "big"})).await?;
+    // Take one batch of each stream and hang up, a few times over.
+    for _ in 0..5 {
+        let (_, mut stream) = client.get(&Request::key("big")).await?;
+        let first = stream.next().await.expect("a batch")?;
+        assert!(first.num_rows() > 0);
+        drop(stream);
+    }
+    let (_, batches) = client.collect(&Request::key("big").filter("id % 100000 = 0").columns(["id"])).await?;
+    assert_eq!(column_strings(&batches, "id"), ["0", "100000", "200000", "300000"]);
+    Ok(())
+}
