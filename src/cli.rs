@@ -576,8 +576,24 @@ mod tests {
         Cli::command().debug_assert();
         // Global flags go before or after the subcommand.
         for args in [
-            &["artiflight", "--data-dir", "d", "get", "k", "--version", "U"][..],
-            &["artiflight", "get", "k", "--server", "grpc://127.0.0.1:1", "--data-dir", "d"],
+            &[
+                "artiflight",
+                "--data-dir",
+                "d",
+                "get",
+                "k",
+                "--version",
+                "U",
+            ][..],
+            &[
+                "artiflight",
+                "get",
+                "k",
+                "--server",
+                "grpc://127.0.0.1:1",
+                "--data-dir",
+                "d",
+            ],
             &["artiflight", "delete", "k", "--version", "U", "--permanent"],
         ] {
             assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");

@@ -350,16 +350,21 @@ async fn csv_and_arrow_files_read_back_as_written() -> TestResult {
     writer.write(&batch)?;
     drop(writer);
     let ipc = server.dir.path().join("table.arrow");
-    let mut writer = arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&ipc)?, &schema)?;
+    let mut writer =
+        arrow::ipc::writer::FileWriter::try_new(std::fs::File::create(&ipc)?, &schema)?;
     writer.write(&batch)?;
     writer.finish()?;
     for (path, key, suffix) in [(&csv, "csv", ".csv"), (&ipc, "ipc", ".arrow")] {
-        let record = client.action("register", json!({"path": path, "key": key})).await?;
+        let record = client
+            .action("register", json!({"path": path, "key": key}))
+            .await?;
         assert_eq!(record["suffix"], suffix);
         let (_, batches) = client.collect(&Request::key(key)).await?;
         assert_eq!(column_strings(&batches, "id"), ["3", "1", "2"], "{key}");
         assert_eq!(column_strings(&batches, "name"), ["c", "a", "b"], "{key}");
-        let (_, filtered) = client.collect(&Request::key(key).filter("id >= 2").columns(["name"])).await?;
+        let (_, filtered) = client
+            .collect(&Request::key(key).filter("id >= 2").columns(["name"]))
+            .await?;
         assert_eq!(column_strings(&filtered, "name"), ["c", "b"], "{key}");
     }
     Ok(())
@@ -371,7 +376,9 @@ async fn a_vanished_client_does_not_stop_the_server() -> TestResult {
     let server = TestServer::start().await?;
     let dir = write_sorted_folder(&server.dir.path().join("big"), 2, 200_000, 10_000);
     let client = server.client().await?;
-    client.action("register", json!({"path": dir, "key": "big"})).await?;
+    client
+        .action("register", json!({"path": dir, "key": "big"}))
+        .await?;
     // Take one batch of each stream and hang up, a few times over.
     for _ in 0..5 {
         let (_, mut stream) = client.get(&Request::key("big")).await?;
@@ -379,7 +386,16 @@ async fn a_vanished_client_does_not_stop_the_server() -> TestResult {
         assert!(first.num_rows() > 0);
         drop(stream);
     }
-    let (_, batches) = client.collect(&Request::key("big").filter("id % 100000 = 0").columns(["id"])).await?;
-    assert_eq!(column_strings(&batches, "id"), ["0", "100000", "200000", "300000"]);
+    let (_, batches) = client
+        .collect(
+            &Request::key("big")
+                .filter("id % 100000 = 0")
+                .columns(["id"]),
+        )
+        .await?;
+    assert_eq!(
+        column_strings(&batches, "id"),
+        ["0", "100000", "200000", "300000"]
+    );
     Ok(())
 }
