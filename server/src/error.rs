@@ -101,6 +101,36 @@ impl Error {
     }
 }
 
+/// Runs `future`, turning a panic inside it into a [`Error::DataLoss`] about `location`.
+///
+/// Readers parse bytes that users control; a reader that panics on a malformed file (some do, on
+/// overflowing lengths) must fail the request that read it, never the connection or the server.
+pub(crate) async fn guard_reader<T>(
+    location: impl std::fmt::Display,
+    future: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(future).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => Err(Error::DataLoss {
+            location: location.to_string(),
+            message: format!(
+                "the reader failed on malformed data ({})",
+                panic_message(panic.as_ref())
+            ),
+        }),
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".to_string())
+}
+
 impl From<Error> for DataFusionError {
     fn from(error: Error) -> Self {
         DataFusionError::External(Box::new(error))

@@ -10,7 +10,7 @@ use parquet::file::properties::WriterProperties;
 use url::Url;
 
 use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, guard_reader};
 use crate::formats;
 use crate::query::{Planner, unify_schemas};
 
@@ -69,7 +69,7 @@ impl Registry {
         let suffix = formats::artifact_suffix(&located);
         let format = formats::format_for(&located, &suffix)?;
         let ctx = self.planner.session();
-        let inspection = format.inspect(&ctx, &located).await?;
+        let inspection = guard_reader(&url, format.inspect(&ctx, &located)).await?;
         let hash = storage.hash(&located).await?;
         let new = NewArtifact {
             key: key.to_string(),

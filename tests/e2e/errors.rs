@@ -209,3 +209,44 @@ async fn garbage_gets_errors_and_the_server_keeps_serving() -> TestResult {
     assert_eq!(rows(&batches), 700);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_corrupt_file_is_reported_and_the_server_keeps_serving() -> TestResult {
+    let server = demo_server().await?;
+    let client = server.client().await?;
+    let dir = write_sorted_folder(&server.dir.path().join("fragile"), 2, 100, 50);
+    client
+        .action("register", json!({"path": dir, "key": "fragile"}))
+        .await?;
+    // The bytes change under the record: one shard becomes garbage of the same name.
+    std::fs::write(
+        dir.join("part=1/data.parquet"),
+        b"PAR1 not really parquet at all PAR1",
+    )?;
+    let result = client.collect(&Request::key("fragile")).await;
+    let (code, msg) = code_of(result);
+    assert!(
+        matches!(code, Some(Code::DataLoss) | Some(Code::Internal)),
+        "{code:?}: {msg}"
+    );
+    assert!(
+        msg.contains("data.parquet") || msg.contains("fragile"),
+        "names the file: {msg}"
+    );
+    // A file that was never parquet is refused at registration, naming it.
+    let bogus = server.dir.path().join("bogus.parquet");
+    std::fs::write(&bogus, b"hello")?;
+    let (code, msg) = code_of(
+        client
+            .action("register", json!({"path": bogus, "key": "bogus"}))
+            .await,
+    );
+    assert!(
+        matches!(code, Some(Code::DataLoss) | Some(Code::Internal)),
+        "{code:?}: {msg}"
+    );
+    assert!(msg.contains("bogus.parquet"), "{msg}");
+    let (_, batches) = client.collect(&Request::key("sharded_parquet")).await?;
+    assert_eq!(rows(&batches), 700);
+    Ok(())
+}

@@ -22,7 +22,7 @@ use url::Url;
 
 use super::Command;
 use crate::catalog::{ArtifactRecord, Catalog, Entry};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, guard_reader, panic_message};
 use crate::formats;
 use crate::storage::Storage;
 
@@ -121,8 +121,28 @@ impl Planned {
     }
 
     /// Streams endpoint `index`. Lazy: nothing is read until the stream is polled, and dropping
-    /// it stops the scan.
+    /// it stops the scan. A reader that panics on malformed data ends the stream with an error.
     pub fn execute(&self, index: usize) -> Result<SendableRecordBatchStream> {
+        let stream = self.execute_unguarded(index)?;
+        let schema = stream.schema();
+        let guarded = std::panic::AssertUnwindSafe(stream)
+            .catch_unwind()
+            .map(|item| {
+                item.unwrap_or_else(|panic| {
+                    Err(Error::DataLoss {
+                        location: "the flight's files".into(),
+                        message: format!(
+                            "the reader failed on malformed data ({})",
+                            panic_message(panic.as_ref())
+                        ),
+                    }
+                    .into())
+                })
+            });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, guarded)))
+    }
+
+    fn execute_unguarded(&self, index: usize) -> Result<SendableRecordBatchStream> {
         let Some(limit) = self.limit else {
             return self
                 .plan
@@ -257,9 +277,9 @@ impl Planner {
             self.runtime
                 .register_object_store(&url, Arc::clone(&located.store));
         }
-        formats::format_for(&located, &record.suffix)?
-            .open(ctx, &located, element)
-            .await
+        let format = formats::format_for(&located, &record.suffix)?;
+        let location = format!("artifact '{}' at {}", record.key, record.path);
+        guard_reader(location, format.open(ctx, &located, element)).await
     }
 
     /// The table of several artifacts: their union in order, columns unified by name.
