@@ -512,15 +512,20 @@ impl Writer {
                 None,
             )?),
             "csv" => Writer::Csv(arrow::csv::Writer::new(file)),
-            _ => Writer::Arrow(arrow::ipc::writer::FileWriter::try_new(file, schema)?),
+            _ => Writer::Arrow(arrow::ipc::writer::FileWriter::try_new(
+                file,
+                &hydrated_schema(schema),
+            )?),
         })
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         match self {
             Writer::Parquet(w) => w.write(batch)?,
-            Writer::Arrow(w) => w.write(batch)?,
-            Writer::Csv(w) => w.write(batch)?,
+            // The IPC file format allows one dictionary per column for the whole file, while
+            // each streamed batch brings its own: write the values instead.
+            Writer::Arrow(w) => w.write(&hydrate(batch)?)?,
+            Writer::Csv(w) => w.write(&hydrate(batch)?)?,
         }
         Ok(())
     }
@@ -535,6 +540,36 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The schema with dictionary columns replaced by their value types.
+fn hydrated_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<arrow::datatypes::Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            arrow::datatypes::DataType::Dictionary(_, value) => {
+                f.as_ref().clone().with_data_type(value.as_ref().clone())
+            }
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(arrow::datatypes::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ))
+}
+
+/// The batch with dictionary columns cast to their values.
+fn hydrate(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = hydrated_schema(&batch.schema());
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| arrow::compute::cast(column, field.data_type()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema, columns)?)
 }
 
 fn print_json(value: &Value) -> Result<()> {
