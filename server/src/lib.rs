@@ -31,7 +31,7 @@ use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::query::{Planner, session_config};
 use crate::registry::Registry;
-use crate::service::FlightEndpoint;
+use crate::service::FlightHandler;
 use crate::storage::Storage;
 
 /// How to open a server's state.
@@ -90,7 +90,7 @@ impl Server {
     ) -> Result<()> {
         service::serve(
             listener,
-            FlightEndpoint::new(self.registry.clone()),
+            FlightHandler::new(self.registry.clone()),
             shutdown,
         )
         .await

@@ -28,11 +28,11 @@ type FlightStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + S
 
 /// The Flight service: one per server, cheap to clone.
 #[derive(Clone)]
-pub struct FlightEndpoint {
+pub struct FlightHandler {
     registry: Registry,
 }
 
-impl FlightEndpoint {
+impl FlightHandler {
     pub fn new(registry: Registry) -> Self {
         Self { registry }
     }
@@ -167,7 +167,7 @@ fn one<T: Send + 'static>(item: T) -> FlightStream<T> {
 }
 
 #[tonic::async_trait]
-impl FlightService for FlightEndpoint {
+impl FlightService for FlightHandler {
     type HandshakeStream = FlightStream<HandshakeResponse>;
     type ListFlightsStream = FlightStream<FlightInfo>;
     type DoGetStream = FlightStream<FlightData>;

@@ -11,7 +11,7 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-pub use flight::FlightEndpoint;
+pub use flight::FlightHandler;
 
 use crate::error::{Error, Result};
 
@@ -21,10 +21,10 @@ const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 /// Serves Flight on `listener` until `shutdown` resolves; in-flight streams are then finished.
 pub async fn serve(
     listener: TcpListener,
-    endpoint: FlightEndpoint,
+    handler: FlightHandler,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let service = FlightServiceServer::new(endpoint)
+    let service = FlightServiceServer::new(handler)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
