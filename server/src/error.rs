@@ -47,7 +47,7 @@ pub enum Error {
 
     /// Planning or executing a query failed; classified by its root cause at the service edge.
     #[error("{0}")]
-    Query(#[from] DataFusionError),
+    Query(DataFusionError),
 
     /// A bug or an unexpected state of the server itself.
     #[error("internal error: {0}")]
@@ -129,6 +129,14 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".to_string())
+}
+
+/// `?` on a DataFusion error unwraps our own errors that travelled through it, so they keep
+/// their class (a NOT_FOUND from a provider stays NOT_FOUND).
+impl From<DataFusionError> for Error {
+    fn from(error: DataFusionError) -> Self {
+        Self::from_datafusion(error)
+    }
 }
 
 impl From<Error> for DataFusionError {
