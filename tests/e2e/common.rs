@@ -67,6 +67,23 @@ impl Drop for TestServer {
     }
 }
 
+/// A server with the committed demo folder registered as `sharded_parquet`.
+pub(crate) async fn demo_server() -> Result<TestServer, Box<dyn std::error::Error + Send + Sync>> {
+    let server = TestServer::start().await?;
+    let demo = demo_dir();
+    server
+        .server
+        .registry()
+        .register(
+            demo.to_str().unwrap_or_default(),
+            "sharded_parquet",
+            None,
+            true,
+        )
+        .await?;
+    Ok(server)
+}
+
 /// A registry over `data_dir` whose plans run with `config`, for planner-level tests.
 pub(crate) fn registry_with(
     data_dir: &Path,

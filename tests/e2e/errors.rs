@@ -7,22 +7,6 @@ use serde_json::json;
 
 use crate::common::*;
 
-async fn demo_server() -> Result<TestServer, Box<dyn std::error::Error + Send + Sync>> {
-    let server = TestServer::start().await?;
-    let demo = demo_dir();
-    server
-        .server
-        .registry()
-        .register(
-            demo.to_str().unwrap_or_default(),
-            "sharded_parquet",
-            None,
-            true,
-        )
-        .await?;
-    Ok(server)
-}
-
 fn code_of<T: std::fmt::Debug>(
     result: Result<T, artiflight_client::Error>,
 ) -> (Option<Code>, String) {

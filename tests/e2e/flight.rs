@@ -10,25 +10,9 @@ use serde_json::json;
 
 use crate::common::*;
 
-async fn server_with_demo() -> Result<TestServer, Box<dyn std::error::Error + Send + Sync>> {
-    let server = TestServer::start().await?;
-    let demo = demo_dir();
-    server
-        .server
-        .registry()
-        .register(
-            demo.to_str().unwrap_or_default(),
-            "sharded_parquet",
-            None,
-            true,
-        )
-        .await?;
-    Ok(server)
-}
-
 #[tokio::test]
 async fn full_scan_equals_the_files() -> TestResult {
-    let server = server_with_demo().await?;
+    let server = demo_server().await?;
     let client = server.client().await?;
     let info = client.info(&Request::key("sharded_parquet")).await?;
     let files = read_files(&demo_dir());
@@ -81,7 +65,7 @@ async fn full_scan_equals_the_files() -> TestResult {
 
 #[tokio::test]
 async fn filter_columns_limit_equal_datafusion_alone() -> TestResult {
-    let server = server_with_demo().await?;
+    let server = demo_server().await?;
     let client = server.client().await?;
     // The independent reader: a DataFusion session reading the folder itself.
     let ctx = SessionContext::new();
@@ -159,7 +143,7 @@ fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
 
 #[tokio::test]
 async fn put_versions_and_collections() -> TestResult {
-    let server = server_with_demo().await?;
+    let server = demo_server().await?;
     let client = server.client().await?;
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
@@ -277,7 +261,7 @@ async fn put_versions_and_collections() -> TestResult {
 
 #[tokio::test]
 async fn listing_and_describe() -> TestResult {
-    let server = server_with_demo().await?;
+    let server = demo_server().await?;
     let client = server.client().await?;
     let all = client.list(None).await?;
     assert_eq!(all.len(), 1);

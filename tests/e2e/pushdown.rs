@@ -1,7 +1,8 @@
 //! Pushdown is proven, not assumed: partitions and row groups are pruned (seen in the plan's scan
 //! metrics), and the answer is the same with pruning off.
 
-use datafusion::physical_plan::{ExecutionPlan, collect, displayable};
+use datafusion::physical_plan::display::DisplayableExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, collect};
 
 use artiflight_server::query::Command;
 
@@ -18,18 +19,14 @@ async fn run(
     let planned = planner.plan(&command, &resolved.sources).await?;
     let plan: std::sync::Arc<dyn ExecutionPlan> = planned.plan.clone();
     let batches = collect(plan.clone(), planned.task.clone()).await?;
-    let text = displayable(plan.as_ref()).indent(true).to_string()
-        + &displayable(plan.as_ref())
-            .indent(true)
-            .to_string()
-            .replace('\n', " ");
-    let with_metrics =
-        datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(plan.as_ref())
-            .indent(true)
-            .to_string();
+    // The plan with its metrics: file groups show which shards were opened, and the scan's
+    // pruning counters show how many row groups were skipped.
+    let text = DisplayableExecutionPlan::with_metrics(plan.as_ref())
+        .indent(true)
+        .to_string();
     let mut rows = column_strings(&batches, "id");
     rows.sort();
-    Ok((rows, format!("{text}\n{with_metrics}")))
+    Ok((rows, text))
 }
 
 fn metric(plan_text: &str, name: &str) -> Option<String> {
