@@ -309,7 +309,11 @@ async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result
             .await?
             .action("describe", json!({"key": key, "version": version}))
             .await?;
-        return print_json(&record);
+        print_json(&record)?;
+        if let Some(structure) = record.get("structure") {
+            print!("{}", structure_repr(structure));
+        }
+        return Ok(());
     }
     let server = Server::open(&options(global))?;
     let name = key.to_string();
@@ -320,6 +324,10 @@ async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result
         .await?;
     print_json(&entry.to_json())?;
     if let Entry::Artifact(record) = entry {
+        if let Some(structure) = server.planner().describe(&record).await? {
+            print!("{}", structure_repr(&structure));
+            return Ok(());
+        }
         let url = url::Url::parse(&record.path)?;
         let located = server.planner().storage().locate(&url).await?;
         if located.is_folder {
@@ -328,6 +336,94 @@ async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result
         }
     }
     Ok(())
+}
+
+/// Renders an artifact's structure: AnnData as anndata's repr, SpatialData's tables, or the tree of
+/// a generic HDF5/zarr store with shapes, dtypes and chunks.
+fn structure_repr(structure: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let names = |v: Option<&serde_json::Value>| -> Vec<String> {
+        match v {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(|s| format!("'{s}'")))
+                .collect(),
+            Some(serde_json::Value::Object(o)) => o.keys().map(|k| format!("'{k}'")).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let anndata = |a: &serde_json::Value, indent: &str| -> String {
+        let shape = a.get("shape").and_then(|s| s.as_array());
+        let dim = |i: usize| {
+            shape
+                .and_then(|s| s.get(i))
+                .and_then(|v| v.as_u64())
+                .map_or("?".to_string(), |n| n.to_string())
+        };
+        let mut out = format!(
+            "AnnData object with n_obs × n_vars = {} × {}\n",
+            dim(0),
+            dim(1)
+        );
+        for kind in [
+            "obs", "var", "uns", "obsm", "varm", "layers", "obsp", "varp",
+        ] {
+            let keys = names(a.get(kind));
+            if !keys.is_empty() {
+                let _ = writeln!(out, "{indent}    {kind}: {}", keys.join(", "));
+            }
+        }
+        out
+    };
+    match structure.get("otype").and_then(|o| o.as_str()) {
+        Some("AnnData") => anndata(structure, ""),
+        Some("SpatialData") => {
+            let mut out = String::from("SpatialData object\n");
+            if let Some(tables) = structure.get("tables").and_then(|t| t.as_object()) {
+                for (name, table) in tables {
+                    let _ = write!(out, "  table '{name}': {}", anndata(table, "  "));
+                }
+            }
+            if let Some(elements) = structure.get("elements").and_then(|e| e.as_object()) {
+                for (kind, keys) in elements {
+                    let keys = names(Some(keys));
+                    if !keys.is_empty() {
+                        let _ = writeln!(out, "  {kind}: {}", keys.join(", "));
+                    }
+                }
+            }
+            out
+        }
+        _ => {
+            let mut out = String::new();
+            for node in structure
+                .get("tree")
+                .and_then(|t| t.as_array())
+                .into_iter()
+                .flatten()
+            {
+                let path = node.get("path").and_then(|p| p.as_str()).unwrap_or("");
+                let depth = path.matches('/').count();
+                let name = path.rsplit('/').next().unwrap_or(path);
+                let indent = "    ".repeat(depth);
+                match node.get("kind").and_then(|k| k.as_str()) {
+                    Some("group") => {
+                        let _ = writeln!(out, "{indent}{name}/");
+                    }
+                    _ => {
+                        let _ = writeln!(
+                            out,
+                            "{indent}{name}  shape={} dtype={} chunks={}",
+                            node.get("shape").unwrap_or(&serde_json::Value::Null),
+                            node.get("dtype").and_then(|d| d.as_str()).unwrap_or("?"),
+                            node.get("chunks").unwrap_or(&serde_json::Value::Null),
+                        );
+                    }
+                }
+            }
+            out
+        }
+    }
 }
 
 /// Renders relative paths (in path order) as a tree, like lamindb's `view_tree`.

@@ -8,6 +8,22 @@ include!(concat!(env!("OUT_DIR"), "/demo_files.rs"));
 /// The hive-partitioned folder, registered as one artifact as in lamindb's docs.
 const SHARDED: &str = "sharded_parquet";
 
+/// The demo AnnData and SpatialData stores, registered under their file names.
+const ARRAY_STORES: [(&str, &str); 3] = [
+    (
+        "pbmc68k.h5ad",
+        "pbmc68k reduced, subsampled to 70 cells (lamindb's fixture)",
+    ),
+    (
+        "pbmc68k.zarr",
+        "pbmc68k reduced, subsampled to 70 cells (lamindb's fixture)",
+    ),
+    (
+        "blobs.zarr",
+        "spatialdata's blobs sample; its table has a 'clone' column",
+    ),
+];
+
 /// Writes the demo files under `DATA_DIR/demo` and registers them; idempotent.
 pub(crate) async fn install(server: &Server) -> Result<()> {
     let dir = server.planner().storage().data_dir().join("demo");
@@ -55,5 +71,16 @@ pub(crate) async fn install(server: &Server) -> Result<()> {
     registry
         .create_collection("sharded_parquet_collection", members, None)
         .await?;
+    for (name, description) in ARRAY_STORES {
+        let path = dir.join(name);
+        registry
+            .register(
+                path.to_str().context("demo path is not UTF-8")?,
+                name,
+                Some(description.into()),
+                true,
+            )
+            .await?;
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use url::Url;
 
 use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
 use crate::error::{Error, Result, guard_reader};
-use crate::formats;
+use crate::formats::{self, Request};
 use crate::query::{Planner, unify_schemas};
 
 /// Writes to the catalog and managed storage.
@@ -112,7 +112,11 @@ impl Registry {
                     "member '{member}' is a collection, not an artifact"
                 )));
             };
-            let table = self.planner.open(&ctx, &record, &[]).await?;
+            let table = self
+                .planner
+                .open(&ctx, &record, &Request::default())
+                .await?
+                .table;
             schemas.push((member.clone(), table.schema()));
         }
         unify_schemas(&schemas)?;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use async_trait::async_trait;
-use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -16,7 +15,7 @@ use datafusion::datasource::listing::{
 };
 use datafusion::prelude::SessionContext;
 
-use super::Format;
+use super::{Format, Opened, Request};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 
@@ -40,9 +39,14 @@ impl Format for Listing {
         &self,
         ctx: &SessionContext,
         located: &Located,
-        element: &[String],
-    ) -> Result<Arc<dyn TableProvider>> {
-        if let Some(first) = element.first() {
+        request: &Request,
+    ) -> Result<Opened> {
+        if let Some(option) = request.matrix_option() {
+            return Err(Error::invalid(format!(
+                "'{option}' applies to AnnData matrix elements only"
+            )));
+        }
+        if let Some(first) = request.element.first() {
             return Err(Error::not_found(format!(
                 "element '{first}' does not exist: '{}' is a table without elements",
                 located.url
@@ -76,7 +80,10 @@ impl Format for Listing {
             .with_listing_options(options)
             .with_schema(schema);
         let table = ListingTable::try_new(config).map_err(|e| read_error(located, e))?;
-        Ok(Arc::new(table))
+        Ok(Opened {
+            table: Arc::new(table),
+            selected: false,
+        })
     }
 }
 

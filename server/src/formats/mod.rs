@@ -2,6 +2,9 @@
 //! planning, pushdown and streaming above it are shared. Adding a format is adding a module and
 //! one line in [`FORMATS`].
 
+mod anndata;
+mod array;
+mod blocks;
 mod listing;
 
 use std::sync::Arc;
@@ -13,7 +16,65 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
 use crate::storage::Located;
+pub use anndata::AnnData;
+pub use array::ReadMetrics;
 pub use listing::Listing;
+
+/// How a matrix element is laid out on the wire (SPEC section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Dense,
+    Sparse,
+    Wide,
+}
+
+/// What to open: an element and the selection a command asks for.
+///
+/// Formats whose elements are plain tables leave `filter` and `columns` to the planner; AnnData
+/// applies them itself, because a filter on `obs` selects the rows of `X`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Request {
+    pub element: Vec<String>,
+    pub filter: Option<String>,
+    pub columns: Option<Vec<String>>,
+    pub var_filter: Option<String>,
+    pub var_names: Option<Vec<String>>,
+    pub obs_range: Option<[u64; 2]>,
+    pub layout: Option<Layout>,
+}
+
+impl Request {
+    /// Just an element, no selection.
+    pub fn element(element: &[String]) -> Self {
+        Self {
+            element: element.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Fields that only AnnData elements understand, if any is set.
+    pub fn matrix_option(&self) -> Option<&'static str> {
+        if self.var_filter.is_some() {
+            Some("var_filter")
+        } else if self.var_names.is_some() {
+            Some("var_names")
+        } else if self.obs_range.is_some() {
+            Some("obs_range")
+        } else if self.layout.is_some() {
+            Some("layout")
+        } else {
+            None
+        }
+    }
+}
+
+/// An opened element.
+pub struct Opened {
+    pub table: Arc<dyn TableProvider>,
+    /// True if the table already applies the request's `filter` and `columns`.
+    pub selected: bool,
+}
 
 /// What registration learns about an artifact by opening it.
 #[derive(Debug, Clone, Default)]
@@ -32,18 +93,24 @@ pub trait Format: Send + Sync {
     /// suffix of its files is passed).
     fn claims(&self, suffix: &str) -> bool;
 
-    /// Opens `element` of the artifact (empty: its main table) as a table provider.
+    /// Opens the requested element of the artifact (no element: its main table).
     async fn open(
         &self,
         ctx: &SessionContext,
         located: &Located,
-        element: &[String],
-    ) -> Result<Arc<dyn TableProvider>>;
+        request: &Request,
+    ) -> Result<Opened>;
+
+    /// The artifact's structure for `describe` and flight metadata (AnnData's shape and elements,
+    /// an HDF5/zarr tree), if it has one.
+    async fn describe(&self, _located: &Located) -> Result<Option<serde_json::Value>> {
+        Ok(None)
+    }
 
     /// What registration records: the object type and the number of observations, where known
     /// without a full scan.
     async fn inspect(&self, ctx: &SessionContext, located: &Located) -> Result<Inspection> {
-        let table = self.open(ctx, located, &[]).await?;
+        let table = self.open(ctx, located, &Request::default()).await?.table;
         let plan = table
             .scan(&ctx.state(), None, &[], None)
             .await
@@ -60,7 +127,7 @@ pub trait Format: Send + Sync {
 }
 
 /// Every format this build reads.
-pub static FORMATS: &[&dyn Format] = &[&Listing];
+pub static FORMATS: &[&dyn Format] = &[&Listing, &AnnData];
 
 /// The suffix recorded for an artifact: the file's extension, `.zarr` for a zarr store, or `""` for
 /// a plain folder of shards.

@@ -5,14 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::RecordFilter;
 use crate::error::{Error, Result};
 
-/// How a matrix element is laid out on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Layout {
-    Dense,
-    Sparse,
-    Wide,
-}
+pub use crate::formats::Layout;
 
 /// What to read: an artifact, collection or query set, optionally one element, filtered,
 /// projected and limited.
@@ -105,18 +98,16 @@ impl Command {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Fields that only AnnData elements understand, if any is set.
-    pub fn matrix_options(&self) -> Option<&'static str> {
-        if self.var_filter.is_some() {
-            Some("var_filter")
-        } else if self.var_names.is_some() {
-            Some("var_names")
-        } else if self.obs_range.is_some() {
-            Some("obs_range")
-        } else if self.layout.is_some() {
-            Some("layout")
-        } else {
-            None
+    /// The part of the command that formats see: the element and its selection.
+    pub fn request(&self) -> crate::formats::Request {
+        crate::formats::Request {
+            element: self.element.clone(),
+            filter: self.filter.clone(),
+            columns: self.columns.clone(),
+            var_filter: self.var_filter.clone(),
+            var_names: self.var_names.clone(),
+            obs_range: self.obs_range,
+            layout: self.layout,
         }
     }
 }

@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
-use datafusion::catalog::TableProvider;
 use datafusion::common::stats::Precision;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::ViewTable;
@@ -23,7 +22,7 @@ use url::Url;
 use super::Command;
 use crate::catalog::{ArtifactRecord, Catalog, Entry};
 use crate::error::{Error, Result, guard_reader, panic_message};
-use crate::formats;
+use crate::formats::{self, Opened, Request};
 use crate::storage::Storage;
 
 /// The DataFusion settings every plan runs with.
@@ -258,8 +257,8 @@ impl Planner {
         &self,
         ctx: &SessionContext,
         record: &ArtifactRecord,
-        element: &[String],
-    ) -> Result<Arc<dyn TableProvider>> {
+        request: &Request,
+    ) -> Result<Opened> {
         let url = Url::parse(&record.path).map_err(|e| {
             Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
         })?;
@@ -279,7 +278,21 @@ impl Planner {
         }
         let format = formats::format_for(&located, &record.suffix)?;
         let location = format!("artifact '{}' at {}", record.key, record.path);
-        guard_reader(location, format.open(ctx, &located, element)).await
+        guard_reader(location, format.open(ctx, &located, request)).await
+    }
+
+    /// The artifact's structure (AnnData shape and elements, an array tree), if its format has one.
+    pub async fn describe(&self, record: &ArtifactRecord) -> Result<Option<serde_json::Value>> {
+        let url = Url::parse(&record.path).map_err(|e| {
+            Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
+        })?;
+        if !record.trusted {
+            self.storage.check_allowed(&url)?;
+        }
+        let located = self.storage.locate(&url).await?;
+        let format = formats::format_for(&located, &record.suffix)?;
+        let location = format!("artifact '{}' at {}", record.key, record.path);
+        guard_reader(location, format.describe(&located)).await
     }
 
     /// The table of several artifacts: their union in order, columns unified by name.
@@ -287,14 +300,20 @@ impl Planner {
         &self,
         ctx: &SessionContext,
         sources: &[ArtifactRecord],
-        element: &[String],
-    ) -> Result<Arc<dyn TableProvider>> {
+        request: &Request,
+    ) -> Result<Opened> {
         let mut tables = Vec::with_capacity(sources.len());
+        let mut selected = true;
         for source in sources {
-            tables.push((source.key.clone(), self.open(ctx, source, element).await?));
+            let opened = self.open(ctx, source, request).await?;
+            selected &= opened.selected;
+            tables.push((source.key.clone(), opened.table));
         }
         if tables.len() == 1 {
-            return Ok(tables.remove(0).1);
+            return Ok(Opened {
+                table: tables.remove(0).1,
+                selected,
+            });
         }
         let schemas: Vec<(String, SchemaRef)> = tables
             .iter()
@@ -327,38 +346,26 @@ impl Planner {
         let plan = union
             .ok_or_else(|| Error::invalid("nothing to read"))?
             .into_unoptimized_plan();
-        Ok(Arc::new(ViewTable::new(plan, None)))
+        Ok(Opened {
+            table: Arc::new(ViewTable::new(plan, None)),
+            selected,
+        })
     }
 
     /// Plans the command over `sources`.
     pub async fn plan(&self, command: &Command, sources: &[ArtifactRecord]) -> Result<Planned> {
-        if let Some(option) = command.matrix_options() {
-            return Err(Error::invalid(format!(
-                "'{option}' applies to AnnData matrix elements only"
-            )));
-        }
         let ctx = self.session();
-        let table = self.union(&ctx, sources, &command.element).await?;
-        let mut df = ctx.read_table(table).map_err(Error::from_datafusion)?;
-        if let Some(filter) = &command.filter {
-            let expr = ctx.parse_sql_expr(filter, df.schema()).map_err(|e| {
-                Error::invalid(format!(
-                    "invalid filter '{filter}': {}",
-                    e.strip_backtrace()
-                ))
-            })?;
-            df = df.filter(expr).map_err(|e| {
-                Error::invalid(format!(
-                    "invalid filter '{filter}': {}",
-                    e.strip_backtrace()
-                ))
-            })?;
-        }
-        if let Some(columns) = &command.columns {
-            let names: Vec<&str> = columns.iter().map(String::as_str).collect();
-            df = df
-                .select_columns(&names)
-                .map_err(|e| Error::invalid(format!("invalid columns: {}", e.strip_backtrace())))?;
+        let opened = self.union(&ctx, sources, &command.request()).await?;
+        let mut df = ctx
+            .read_table(opened.table)
+            .map_err(Error::from_datafusion)?;
+        if !opened.selected {
+            if let Some(filter) = &command.filter {
+                df = apply_filter(&ctx, df, filter)?;
+            }
+            if let Some(columns) = &command.columns {
+                df = select_columns(df, columns)?;
+            }
         }
         let limit = command
             .limit
@@ -370,6 +377,26 @@ impl Planner {
             .map_err(Error::from_datafusion)?;
         Ok(Planned { plan, task, limit })
     }
+}
+
+/// Filters `df` by a SQL boolean expression; a parse error or a missing column is
+/// INVALID_ARGUMENT with the parser's message.
+pub(crate) fn apply_filter(ctx: &SessionContext, df: DataFrame, filter: &str) -> Result<DataFrame> {
+    let invalid = |e: datafusion::error::DataFusionError| {
+        Error::invalid(format!(
+            "invalid filter '{filter}': {}",
+            e.strip_backtrace()
+        ))
+    };
+    let expr = ctx.parse_sql_expr(filter, df.schema()).map_err(invalid)?;
+    df.filter(expr).map_err(invalid)
+}
+
+/// Projects `df` to `columns`, in that order; an unknown column is INVALID_ARGUMENT naming it.
+pub(crate) fn select_columns(df: DataFrame, columns: &[String]) -> Result<DataFrame> {
+    let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+    df.select_columns(&names)
+        .map_err(|e| Error::invalid(format!("invalid columns: {}", e.strip_backtrace())))
 }
 
 /// Unifies member schemas by column name, in the first member's column order, then new columns

@@ -91,7 +91,14 @@ pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Resul
             let entry = catalog
                 .run(move |c| c.resolve(&r.key, r.version.as_deref()))
                 .await?;
-            Ok(entry.to_json())
+            let mut value = entry.to_json();
+            if let Entry::Artifact(record) = &entry
+                && let Some(structure) = registry.planner().describe(record).await?
+                && let Some(map) = value.as_object_mut()
+            {
+                map.insert("structure".into(), structure);
+            }
+            Ok(value)
         }
         "list_versions" => {
             let r: Key = parse(action, body)?;

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::actions;
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
+use crate::formats::Request as OpenRequest;
 use crate::query::{Command, Planned, Resolved, TicketSpec};
 use crate::registry::Registry;
 
@@ -55,11 +56,37 @@ impl FlightHandler {
         Ok((command, resolved, planned))
     }
 
+    /// The structure of a single artifact with one (AnnData: shape and element names), for the
+    /// flight's metadata. `uns` stays in `describe`: it can be large.
+    async fn structure(&self, resolved: &Resolved) -> Option<serde_json::Value> {
+        let [record] = resolved.sources.as_slice() else {
+            return None;
+        };
+        if record.otype.is_none()
+            && !matches!(record.suffix.as_str(), ".h5ad" | ".zarr" | ".h5" | ".hdf5")
+        {
+            return None;
+        }
+        match self.registry.planner().describe(record).await {
+            Ok(Some(mut value)) => {
+                if let Some(map) = value.as_object_mut()
+                    && let Some(uns) = map.get("uns").and_then(|u| u.as_object())
+                {
+                    let keys: Vec<String> = uns.keys().cloned().collect();
+                    map.insert("uns".into(), json!(keys));
+                }
+                Some(value)
+            }
+            _ => None,
+        }
+    }
+
     fn flight_info(
         descriptor: FlightDescriptor,
         command: &Command,
         resolved: &Resolved,
         planned: &Planned,
+        structure: Option<serde_json::Value>,
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
         let partition_count = planned.endpoint_count();
@@ -73,7 +100,7 @@ impl FlightHandler {
             arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode()))
         });
         let (records, bytes) = planned.totals();
-        let metadata = match &resolved.entry {
+        let mut metadata = match &resolved.entry {
             Some(entry) => entry.to_json(),
             None => json!({
                 "kind": "query",
@@ -81,6 +108,13 @@ impl FlightHandler {
                 "members": resolved.sources.iter().map(|s| Entry::Artifact(s.clone()).to_json()).collect::<Vec<_>>(),
             }),
         };
+        if let (Some(map), Some(serde_json::Value::Object(structure))) =
+            (metadata.as_object_mut(), structure)
+        {
+            for (k, v) in structure {
+                map.entry(k).or_insert(v);
+            }
+        }
         Ok(FlightInfo::new()
             .try_with_schema(&planned.schema())
             .map_err(|e| Error::Internal(format!("cannot encode schema: {e}")))?
@@ -107,8 +141,8 @@ impl FlightHandler {
             }
         };
         let schema = match sources {
-            Ok(sources) => match planner.union(&ctx, &sources, &[]).await {
-                Ok(table) => table.schema(),
+            Ok(sources) => match planner.union(&ctx, &sources, &OpenRequest::default()).await {
+                Ok(opened) => opened.table.schema(),
                 Err(e) => {
                     tracing::warn!(key = entry.key(), error = %e, "cannot open for listing");
                     std::sync::Arc::new(Schema::empty())
@@ -212,8 +246,9 @@ impl FlightService for FlightHandler {
     ) -> Result<Response<FlightInfo>, Status> {
         let descriptor = request.into_inner();
         let (command, resolved, planned) = self.plan(&descriptor).await?;
+        let structure = self.structure(&resolved).await;
         Ok(Response::new(Self::flight_info(
-            descriptor, &command, &resolved, &planned,
+            descriptor, &command, &resolved, &planned, structure,
         )?))
     }
 

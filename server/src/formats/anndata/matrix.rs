@@ -1,0 +1,828 @@
+//! Matrix elements (`X`, `layers`, `obsm`, `varm`, `obsp`, `varp`) read for a selection of rows and
+//! columns, in the wire layouts of SPEC section 5.
+//!
+//! Reads are chunk-aware. Selected rows are coalesced into runs: rows in the same chunk (zarr, or
+//! chunked HDF5) or a few rows apart (contiguous HDF5) are read as one block, and nothing outside
+//! the runs is touched. For CSR, `indptr` is read once and then only the `indices`/`data` ranges of
+//! the selected rows. CSC is read column by column (only the selected columns' ranges) and
+//! converted to CSR for the selected rows.
+
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int32Array, Int64Array, ListArray,
+    RecordBatch, UInt64Array, new_empty_array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::compute::{cast, concat, filter, take};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+
+use super::super::array::{ArrayInfo, ArrayStore, Dtype, Node, ReadMetrics, data_loss, join};
+use super::super::blocks::BlockSource;
+use crate::error::{Error, Result};
+use crate::query::Layout;
+
+/// Bytes of matrix data per record batch (and per block read).
+const BLOCK_BYTES: u64 = 8 << 20;
+
+/// How a matrix is stored.
+#[derive(Debug, Clone)]
+pub(crate) enum Storage {
+    Dense { path: String, info: ArrayInfo },
+    Sparse(Sparse),
+}
+
+/// A `csr_matrix` or `csc_matrix` group.
+#[derive(Debug, Clone)]
+pub(crate) struct Sparse {
+    data: String,
+    indices: String,
+    data_info: ArrayInfo,
+    /// `indptr`, read once.
+    indptr: Arc<Vec<i64>>,
+    csc: bool,
+}
+
+impl Sparse {
+    pub(crate) fn is_csc(&self) -> bool {
+        self.csc
+    }
+}
+
+impl Storage {
+    /// Opens the matrix at `path`: a 2-D array, or a sparse group. Anything else is refused,
+    /// naming the element.
+    pub(crate) fn open(store: &dyn ArrayStore, path: &str) -> Result<(Self, [u64; 2], Dtype)> {
+        let location = store.location();
+        match store.node(path)? {
+            None => Err(Error::not_found(format!(
+                "no element '{path}' in {location}"
+            ))),
+            Some(Node::Array(info)) => {
+                let [rows, cols] = match info.shape.as_slice() {
+                    [r, c] => [*r, *c],
+                    [r] => [*r, 1],
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "element '{path}' in {location} has {} dimensions; only 1-D and 2-D \
+                             matrices are served",
+                            other.len()
+                        )));
+                    }
+                };
+                let dtype = info.dtype;
+                if dtype == Dtype::Utf8 {
+                    return Err(Error::invalid(format!(
+                        "element '{path}' in {location} is a string array, not a matrix"
+                    )));
+                }
+                Ok((
+                    Storage::Dense {
+                        path: path.to_string(),
+                        info,
+                    },
+                    [rows, cols],
+                    dtype,
+                ))
+            }
+            Some(Node::Group) => {
+                let attrs = store.attrs(path)?;
+                let encoding = attrs
+                    .get("encoding-type")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("(none)");
+                let csc = match encoding {
+                    "csr_matrix" => false,
+                    "csc_matrix" => true,
+                    other => {
+                        return Err(Error::invalid(format!(
+                            "element '{path}' in {location} has encoding '{other}', which cannot be \
+                             served as a matrix"
+                        )));
+                    }
+                };
+                let shape: Vec<u64> = attrs
+                    .get("shape")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                    .unwrap_or_default();
+                let [rows, cols] = shape.as_slice() else {
+                    return Err(data_loss(
+                        location,
+                        format!("'{path}' has no valid 'shape'"),
+                    ));
+                };
+                let data = join(path, "data");
+                let indices = join(path, "indices");
+                let data_info = store.array(&data)?;
+                let indices_info = store.array(&indices)?;
+                let indptr = store.read_all(&join(path, "indptr"))?;
+                let indptr = cast(&indptr, &DataType::Int64)
+                    .map_err(|e| data_loss(location, format!("'{path}/indptr': {e}")))?;
+                let indptr: Vec<i64> = indptr.as_primitive::<Int64Type>().values().to_vec();
+                let major = if csc { *cols } else { *rows };
+                let nnz = data_info.shape.first().copied().unwrap_or(0);
+                let valid = indptr.len() as u64 == major + 1
+                    && indptr.windows(2).all(|w| w[0] <= w[1])
+                    && indptr.first() == Some(&0)
+                    && indptr.last().is_some_and(|&l| l as u64 <= nnz)
+                    && indices_info.shape.first().copied().unwrap_or(0) == nnz;
+                if !valid {
+                    return Err(data_loss(
+                        location,
+                        format!(
+                            "'{path}' is not a valid sparse matrix (indptr does not match its shape)"
+                        ),
+                    ));
+                }
+                let dtype = data_info.dtype;
+                Ok((
+                    Storage::Sparse(Sparse {
+                        data,
+                        indices,
+                        data_info,
+                        indptr: Arc::new(indptr),
+                        csc,
+                    }),
+                    [*rows, *cols],
+                    dtype,
+                ))
+            }
+        }
+    }
+
+    /// Rows per storage chunk, where partitions should split.
+    pub(crate) fn row_chunk(&self) -> u64 {
+        match self {
+            Storage::Dense { info, .. } => info.row_chunk(),
+            Storage::Sparse(_) => 1,
+        }
+    }
+}
+
+/// What one output row carries.
+#[derive(Debug, Clone)]
+pub(crate) enum Output {
+    /// X and layers: `layout` with the matrix column named `name`.
+    Matrix { layout: Layout, name: String },
+    /// obsm/varm: `values: FixedSizeList<T, k>`.
+    Embedding,
+    /// obsp/varp: COO rows `row`, `col`, `value` within the selection.
+    Pairs,
+}
+
+/// A matrix element restricted to selected rows and columns.
+#[derive(Debug)]
+pub(crate) struct MatrixSource {
+    store: Arc<dyn ArrayStore>,
+    element: String,
+    storage: Storage,
+    dtype: Dtype,
+    /// Selected row positions, ascending.
+    rows: Vec<u64>,
+    /// Index columns (names, extra obs columns) of the selected rows, in order.
+    index: RecordBatch,
+    /// Selected column positions in output order; `None` for all.
+    cols: Option<Vec<u64>>,
+    n_cols: u64,
+    /// The stored matrix's shape.
+    shape: [u64; 2],
+    output: Output,
+    schema: SchemaRef,
+    /// The CSR of the whole selection, built once for CSC storage.
+    converted: OnceLock<Result<SparseBlock, String>>,
+}
+
+/// Rows of a sparse matrix: `offsets` per row, column positions within the selection, values.
+#[derive(Debug, Clone)]
+struct SparseBlock {
+    offsets: Vec<i32>,
+    indices: Vec<i32>,
+    data: ArrayRef,
+}
+
+impl MatrixSource {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Arc<dyn ArrayStore>,
+        element: &str,
+        storage: Storage,
+        shape: [u64; 2],
+        dtype: Dtype,
+        rows: Vec<u64>,
+        index: RecordBatch,
+        cols: Option<Vec<u64>>,
+        col_names: Option<Vec<String>>,
+        output: Output,
+    ) -> Result<Self> {
+        let n_cols = cols.as_ref().map(|c| c.len() as u64).unwrap_or(shape[1]);
+        let value = dtype.arrow();
+        let mut fields: Vec<Field> = index
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let list = |name: &str, n: u64| -> Result<Field> {
+            let n = i32::try_from(n).map_err(|_| {
+                Error::invalid(format!("'{element}' has too many columns for one row"))
+            })?;
+            Ok(Field::new(
+                name,
+                DataType::FixedSizeList(Arc::new(Field::new("item", value.clone(), true)), n),
+                false,
+            ))
+        };
+        match &output {
+            Output::Matrix {
+                layout: Layout::Dense,
+                name,
+            } => fields.push(list(name, n_cols)?),
+            Output::Matrix {
+                layout: Layout::Sparse,
+                ..
+            } => {
+                fields.push(Field::new(
+                    "indices",
+                    DataType::new_list(DataType::Int32, true),
+                    false,
+                ));
+                fields.push(Field::new(
+                    "data",
+                    DataType::new_list(value.clone(), true),
+                    false,
+                ));
+            }
+            Output::Matrix {
+                layout: Layout::Wide,
+                ..
+            } => {
+                let names = col_names.clone().unwrap_or_default();
+                let mut seen = std::collections::HashSet::new();
+                for name in &names {
+                    if !seen.insert(name.as_str()) || fields.iter().any(|f| f.name() == name) {
+                        return Err(Error::invalid(format!(
+                            "the wide layout needs unique column names, but '{name}' occurs twice in \
+                             '{element}': select variables with var_names or use the dense layout"
+                        )));
+                    }
+                }
+                for name in names {
+                    fields.push(Field::new(name, value.clone(), false));
+                }
+            }
+            Output::Embedding => fields.push(list("values", n_cols)?),
+            Output::Pairs => {
+                fields = vec![
+                    Field::new("row", DataType::Int64, false),
+                    Field::new("col", DataType::Int64, false),
+                    Field::new("value", value.clone(), false),
+                ];
+            }
+        }
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert(
+            "artiflight:shape".to_string(),
+            serde_json::json!([rows.len(), n_cols]).to_string(),
+        );
+        if let (Output::Matrix { .. }, Some(names)) = (&output, &col_names) {
+            metadata.insert(
+                "artiflight:var_names".to_string(),
+                serde_json::to_string(names).unwrap_or_default(),
+            );
+        }
+        let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+        Ok(Self {
+            store,
+            element: element.to_string(),
+            storage,
+            dtype,
+            rows,
+            index,
+            cols,
+            n_cols,
+            shape,
+            output,
+            schema,
+            converted: OnceLock::new(),
+        })
+    }
+
+    /// Selected row positions (for partitioning).
+    pub(crate) fn rows(&self) -> &[u64] {
+        &self.rows
+    }
+
+    /// Rows per block so that a block holds about [`BLOCK_BYTES`] of values.
+    pub(crate) fn block_rows(&self) -> usize {
+        let row_bytes = (self.n_cols.max(1) * self.dtype.width()).max(1);
+        (BLOCK_BYTES / row_bytes).max(1) as usize
+    }
+
+    /// Bytes of the selected values if dense.
+    pub(crate) fn dense_bytes(&self) -> u64 {
+        self.rows.len() as u64 * self.n_cols * self.dtype.width()
+    }
+
+    fn fail(&self, what: impl std::fmt::Display) -> Error {
+        data_loss(self.store.location(), format!("'{}': {what}", self.element))
+    }
+
+    /// Reads the dense values of `rows` (array positions, ascending), `rows.len() * n_cols`
+    /// elements in row-major order, selected columns in output order.
+    fn read_dense(&self, path: &str, info: &ArrayInfo, rows: &[u64]) -> Result<ArrayRef> {
+        let width = info.shape.get(1).copied().unwrap_or(1);
+        let (c0, c1) = match &self.cols {
+            Some(cols) if !cols.is_empty() => (
+                *cols.iter().min().unwrap_or(&0),
+                cols.iter().max().unwrap_or(&0) + 1,
+            ),
+            Some(_) => (0, 0),
+            None => (0, width),
+        };
+        let span = c1 - c0;
+        // Rows closer than this are read together: for a chunked array, anything in the same
+        // chunk; for a contiguous one, gaps of up to 256 KiB.
+        let row_bytes = (span * self.dtype.width()).max(1);
+        let chunk = info.chunks.as_ref().and_then(|c| c.first().copied());
+        let runs = coalesce(rows, |a, b| match chunk {
+            Some(c) => a / c == b / c,
+            None => (b - a) * row_bytes <= 256 << 10,
+        });
+        let mut parts = Vec::with_capacity(runs.len());
+        let mut identity = true;
+        for run in &runs {
+            let (first, last) = (run[0], run[run.len() - 1]);
+            let start: Vec<u64> = if info.shape.len() == 2 {
+                vec![first, c0]
+            } else {
+                vec![first]
+            };
+            let count: Vec<u64> = if info.shape.len() == 2 {
+                vec![last - first + 1, span]
+            } else {
+                vec![last - first + 1]
+            };
+            if last - first + 1 != run.len() as u64 {
+                identity = false;
+            }
+            parts.push((first, self.store.read(path, &start, &count)?));
+        }
+        let cols_identity = match &self.cols {
+            None => true,
+            Some(cols) => {
+                cols.iter().enumerate().all(|(i, &c)| c == c0 + i as u64)
+                    && span == cols.len() as u64
+            }
+        };
+        let arrays: Vec<&dyn Array> = parts.iter().map(|(_, a)| a.as_ref()).collect();
+        let all = if arrays.len() == 1 {
+            Arc::clone(&parts[0].1)
+        } else if arrays.is_empty() {
+            new_empty_array(&self.dtype.arrow())
+        } else {
+            concat(&arrays).map_err(|e| self.fail(e))?
+        };
+        if identity && cols_identity {
+            return Ok(all);
+        }
+        // Gather the selected rows and columns out of the runs read.
+        let mut take_idx: Vec<u64> = Vec::with_capacity(rows.len() * self.n_cols as usize);
+        let mut base = 0u64;
+        let mut rows_iter = rows.iter().peekable();
+        for (first, part) in &parts {
+            let n_read = part.len() as u64 / span.max(1);
+            while let Some(&&r) = rows_iter.peek() {
+                if r >= first + n_read {
+                    break;
+                }
+                let row_base = base + (r - first) * span;
+                match &self.cols {
+                    None => take_idx.extend((0..span).map(|j| row_base + j)),
+                    Some(cols) => take_idx.extend(cols.iter().map(|&c| row_base + c - c0)),
+                }
+                rows_iter.next();
+            }
+            base += part.len() as u64;
+        }
+        take(&all, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))
+    }
+
+    /// Reads the selected rows of a CSR matrix, columns remapped to selection positions.
+    fn read_csr(&self, sparse: &Sparse, rows: &[u64]) -> Result<SparseBlock> {
+        let indptr = &sparse.indptr;
+        let extent = |r: u64| -> Result<(u64, u64)> {
+            let r = r as usize;
+            match (indptr.get(r), indptr.get(r + 1)) {
+                (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
+                _ => Err(self.fail(format!("row {r} is outside indptr"))),
+            }
+        };
+        // Coalesce row extents that are close in the data arrays into one read.
+        let data_chunk = sparse
+            .data_info
+            .chunks
+            .as_ref()
+            .and_then(|c| c.first().copied());
+        let gap_elems = data_chunk.unwrap_or((64 << 10) / self.dtype.width().max(1));
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &r in rows {
+            let (a, b) = extent(r)?;
+            match ranges.last_mut() {
+                Some(last) if a <= last.1 + gap_elems => last.1 = last.1.max(b),
+                _ => ranges.push((a, b)),
+            }
+        }
+        let mut idx_parts = Vec::with_capacity(ranges.len());
+        let mut data_parts = Vec::with_capacity(ranges.len());
+        for &(a, b) in &ranges {
+            if b > a {
+                idx_parts.push(self.store.read(&sparse.indices, &[a], &[b - a])?);
+                data_parts.push(self.store.read(&sparse.data, &[a], &[b - a])?);
+            }
+        }
+        let indices = concat_or_empty(&idx_parts, &DataType::Int64)
+            .and_then(|a| cast(&a, &DataType::Int64).map_err(|e| e.to_string()))
+            .map_err(|e| self.fail(e))?;
+        let indices = indices.as_primitive::<Int64Type>().values();
+        let data = concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
+        // Position of each range's first element in the concatenated arrays.
+        let mut bases = Vec::with_capacity(ranges.len());
+        let mut acc = 0u64;
+        for &(a, b) in &ranges {
+            bases.push((a, acc));
+            acc += b - a;
+        }
+        let map = self.col_map(self.shape[1])?;
+        let mut offsets = Vec::with_capacity(rows.len() + 1);
+        offsets.push(0i32);
+        let mut out_idx: Vec<i32> = Vec::new();
+        let mut take_idx: Vec<u64> = Vec::new();
+        let mut range_i = 0;
+        let mut row_entries: Vec<(i32, u64)> = Vec::new();
+        for &r in rows {
+            let (a, b) = extent(r)?;
+            while range_i + 1 < bases.len() && bases[range_i + 1].0 <= a {
+                range_i += 1;
+            }
+            let (range_start, base) = bases.get(range_i).copied().unwrap_or((0, 0));
+            row_entries.clear();
+            for k in a..b {
+                let pos = base + (k - range_start);
+                let col = *indices
+                    .get(pos as usize)
+                    .ok_or_else(|| self.fail("indices out of range"))?;
+                let new = match &map {
+                    None => {
+                        if col < 0 || col as u64 >= self.n_cols {
+                            return Err(self.fail(format!("column index {col} out of bounds")));
+                        }
+                        col as i32
+                    }
+                    Some(map) => match map.get(col as usize) {
+                        Some(&n) if n >= 0 => n,
+                        Some(_) => continue,
+                        None => return Err(self.fail(format!("column index {col} out of bounds"))),
+                    },
+                };
+                row_entries.push((new, pos));
+            }
+            if map.is_some() {
+                row_entries.sort_unstable_by_key(|e| e.0);
+            }
+            for &(new, pos) in &row_entries {
+                out_idx.push(new);
+                take_idx.push(pos);
+            }
+            let end = i32::try_from(out_idx.len()).map_err(|_| self.fail("block too large"))?;
+            offsets.push(end);
+        }
+        let identity = take_idx.len() == data.len()
+            && take_idx.iter().enumerate().all(|(i, &p)| i as u64 == p);
+        let data = if identity {
+            data
+        } else {
+            take(&data, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))?
+        };
+        Ok(SparseBlock {
+            offsets,
+            indices: out_idx,
+            data,
+        })
+    }
+
+    /// Old column position -> selection position (-1: not selected), or `None` for all columns.
+    fn col_map(&self, n_minor: u64) -> Result<Option<Vec<i32>>> {
+        let Some(cols) = &self.cols else {
+            return Ok(None);
+        };
+        let mut map = vec![-1i32; n_minor as usize];
+        for (new, &old) in cols.iter().enumerate() {
+            let slot = map
+                .get_mut(old as usize)
+                .ok_or_else(|| self.fail(format!("column {old} out of bounds")))?;
+            *slot = new as i32;
+        }
+        Ok(Some(map))
+    }
+
+    /// Converts a CSC matrix to the CSR of the whole selection, reading only the selected
+    /// columns' ranges.
+    fn convert_csc(&self, sparse: &Sparse) -> Result<SparseBlock> {
+        let n_major = sparse.indptr.len().saturating_sub(1) as u64;
+        let cols: Vec<u64> = match &self.cols {
+            Some(c) => c.clone(),
+            None => (0..n_major).collect(),
+        };
+        let n_obs = self.shape[0];
+        let mut row_map = vec![-1i64; n_obs as usize];
+        for (new, &old) in self.rows.iter().enumerate() {
+            if let Some(slot) = row_map.get_mut(old as usize) {
+                *slot = new as i64;
+            }
+        }
+        // Triplets (selection row, selection col, position in the gathered data).
+        let mut triplets: Vec<(i32, i32, u64)> = Vec::new();
+        let mut data_parts: Vec<ArrayRef> = Vec::new();
+        let mut gathered = 0u64;
+        // Read column ranges in ascending storage order, a bounded number of elements at a time.
+        let mut order: Vec<(usize, u64)> = cols.iter().copied().enumerate().collect();
+        order.sort_unstable_by_key(|&(_, c)| c);
+        const MAX_READ: u64 = 4 << 20;
+        let mut i = 0;
+        while i < order.len() {
+            let (a, _) = self.extent_csc(sparse, order[i].1)?;
+            let mut j = i;
+            let mut b = a;
+            while j < order.len() {
+                let (ca, cb) = self.extent_csc(sparse, order[j].1)?;
+                if ca > b + 4096 || (cb - a > MAX_READ && j > i) {
+                    break;
+                }
+                b = b.max(cb);
+                j += 1;
+            }
+            if b > a {
+                let idx = self.store.read(&sparse.indices, &[a], &[b - a])?;
+                let idx = cast(&idx, &DataType::Int64).map_err(|e| self.fail(e))?;
+                let idx = idx.as_primitive::<Int64Type>().values();
+                let data = self.store.read(&sparse.data, &[a], &[b - a])?;
+                let mut keep: Vec<u64> = Vec::new();
+                for &(new_col, col) in &order[i..j] {
+                    let (ca, cb) = self.extent_csc(sparse, col)?;
+                    for k in ca..cb {
+                        let row = *idx
+                            .get((k - a) as usize)
+                            .ok_or_else(|| self.fail("indices out of range"))?;
+                        let new_row = *row_map
+                            .get(row as usize)
+                            .ok_or_else(|| self.fail(format!("row index {row} out of bounds")))?;
+                        if new_row >= 0 {
+                            triplets.push((
+                                new_row as i32,
+                                new_col as i32,
+                                gathered + keep.len() as u64,
+                            ));
+                            keep.push(k - a);
+                        }
+                    }
+                }
+                if !keep.is_empty() {
+                    gathered += keep.len() as u64;
+                    data_parts.push(
+                        take(&data, &UInt64Array::from(keep), None).map_err(|e| self.fail(e))?,
+                    );
+                }
+            }
+            i = j.max(i + 1);
+        }
+        triplets.sort_unstable_by_key(|t| (t.0, t.1));
+        let mut offsets = vec![0i32; self.rows.len() + 1];
+        for t in &triplets {
+            offsets[t.0 as usize + 1] += 1;
+        }
+        for k in 1..offsets.len() {
+            offsets[k] += offsets[k - 1];
+        }
+        let indices = triplets.iter().map(|t| t.1).collect();
+        let data = concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
+        let data = take(
+            &data,
+            &UInt64Array::from_iter_values(triplets.iter().map(|t| t.2)),
+            None,
+        )
+        .map_err(|e| self.fail(e))?;
+        Ok(SparseBlock {
+            offsets,
+            indices,
+            data,
+        })
+    }
+
+    fn extent_csc(&self, sparse: &Sparse, col: u64) -> Result<(u64, u64)> {
+        match (
+            sparse.indptr.get(col as usize),
+            sparse.indptr.get(col as usize + 1),
+        ) {
+            (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
+            _ => Err(self.fail(format!("column {col} is outside indptr"))),
+        }
+    }
+
+    /// Rows `range` of the selection as a sparse block.
+    fn sparse_rows(&self, range: Range<usize>) -> Result<SparseBlock> {
+        let rows = &self.rows[range.clone()];
+        match &self.storage {
+            Storage::Sparse(s) if !s.csc => self.read_csr(s, rows),
+            Storage::Sparse(s) => {
+                let all = self
+                    .converted
+                    .get_or_init(|| self.convert_csc(s).map_err(|e| e.to_string()))
+                    .as_ref()
+                    .map_err(|e| self.fail(e))?;
+                let (a, b) = (all.offsets[range.start], all.offsets[range.end]);
+                Ok(SparseBlock {
+                    offsets: all.offsets[range.start..=range.end]
+                        .iter()
+                        .map(|o| o - a)
+                        .collect(),
+                    indices: all.indices[a as usize..b as usize].to_vec(),
+                    data: all.data.slice(a as usize, (b - a) as usize),
+                })
+            }
+            Storage::Dense { path, info } => {
+                let values = self.read_dense(path, info, rows)?;
+                sparsify(&values, rows.len(), self.n_cols).map_err(|e| self.fail(e))
+            }
+        }
+    }
+
+    /// Rows `range` of the selection as dense values (`rows * n_cols`, row-major).
+    fn dense_rows(&self, range: Range<usize>) -> Result<ArrayRef> {
+        match &self.storage {
+            Storage::Dense { path, info } => self.read_dense(path, info, &self.rows[range]),
+            Storage::Sparse(_) => {
+                let n = range.len();
+                let block = self.sparse_rows(range)?;
+                densify(&block, n, self.n_cols, &self.dtype.arrow()).map_err(|e| self.fail(e))
+            }
+        }
+    }
+}
+
+fn concat_or_empty(parts: &[ArrayRef], dtype: &DataType) -> Result<ArrayRef, String> {
+    match parts {
+        [] => Ok(new_empty_array(dtype)),
+        [one] => Ok(Arc::clone(one)),
+        many => {
+            let refs: Vec<&dyn Array> = many.iter().map(|a| a.as_ref()).collect();
+            concat(&refs).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Groups ascending positions into runs of neighbours.
+fn coalesce(rows: &[u64], near: impl Fn(u64, u64) -> bool) -> Vec<&[u64]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=rows.len() {
+        if i == rows.len() || !near(rows[i - 1], rows[i]) {
+            if i > start {
+                runs.push(&rows[start..i]);
+            }
+            start = i;
+        }
+    }
+    runs
+}
+
+/// The nonzero entries of dense row-major values.
+fn sparsify(values: &ArrayRef, n_rows: usize, n_cols: u64) -> Result<SparseBlock, String> {
+    let zero = cast(&Int64Array::from(vec![0]), values.data_type()).map_err(|e| e.to_string())?;
+    let zero = arrow::array::Scalar::new(zero);
+    let nonzero: BooleanArray =
+        arrow::compute::kernels::cmp::neq(values, &zero).map_err(|e| e.to_string())?;
+    let mut offsets = Vec::with_capacity(n_rows + 1);
+    offsets.push(0i32);
+    let mut indices = Vec::new();
+    let n_cols = n_cols as usize;
+    for r in 0..n_rows {
+        for c in 0..n_cols {
+            if nonzero.value(r * n_cols + c) {
+                indices.push(c as i32);
+            }
+        }
+        offsets.push(i32::try_from(indices.len()).map_err(|_| "block too large".to_string())?);
+    }
+    let data = filter(values, &nonzero).map_err(|e| e.to_string())?;
+    Ok(SparseBlock {
+        offsets,
+        indices,
+        data,
+    })
+}
+
+/// Dense row-major values of a sparse block.
+fn densify(
+    block: &SparseBlock,
+    n_rows: usize,
+    n_cols: u64,
+    dtype: &DataType,
+) -> Result<ArrayRef, String> {
+    let zero = cast(&Int64Array::from(vec![0]), dtype).map_err(|e| e.to_string())?;
+    let with_zero = concat(&[block.data.as_ref(), zero.as_ref()]).map_err(|e| e.to_string())?;
+    let zero_at = block.data.len() as u64;
+    let n_cols = n_cols as usize;
+    let mut idx = vec![zero_at; n_rows * n_cols];
+    for r in 0..n_rows {
+        let (a, b) = (block.offsets[r] as usize, block.offsets[r + 1] as usize);
+        for k in a..b {
+            idx[r * n_cols + block.indices[k] as usize] = k as u64;
+        }
+    }
+    take(&with_zero, &UInt64Array::from(idx), None).map_err(|e| e.to_string())
+}
+
+impl BlockSource for MatrixSource {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn read(&self, range: Range<usize>, projection: Option<&[usize]>) -> Result<RecordBatch> {
+        let n = range.len();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let n_cols = self.n_cols;
+        match &self.output {
+            Output::Pairs => {
+                let block = self.sparse_rows(range.clone())?;
+                let mut row = Vec::with_capacity(block.indices.len());
+                for r in 0..n {
+                    let count = (block.offsets[r + 1] - block.offsets[r]) as usize;
+                    row.extend(std::iter::repeat_n((range.start + r) as i64, count));
+                }
+                columns.push(Arc::new(Int64Array::from(row)));
+                columns.push(Arc::new(Int64Array::from_iter_values(
+                    block.indices.iter().map(|&c| c as i64),
+                )));
+                columns.push(block.data);
+            }
+            output => {
+                columns.extend(self.index.slice(range.start, n).columns().iter().cloned());
+                let item = Arc::new(Field::new("item", self.dtype.arrow(), true));
+                match output {
+                    Output::Matrix {
+                        layout: Layout::Sparse,
+                        ..
+                    } => {
+                        let block = self.sparse_rows(range)?;
+                        let offsets = OffsetBuffer::new(block.offsets.into());
+                        let indices = Int32Array::from(block.indices);
+                        columns.push(Arc::new(ListArray::new(
+                            Arc::new(Field::new("item", DataType::Int32, true)),
+                            offsets.clone(),
+                            Arc::new(indices),
+                            None,
+                        )));
+                        columns.push(Arc::new(ListArray::new(item, offsets, block.data, None)));
+                    }
+                    Output::Matrix {
+                        layout: Layout::Wide,
+                        ..
+                    } => {
+                        let values = self.dense_rows(range)?;
+                        for c in 0..n_cols {
+                            let idx = UInt64Array::from_iter_values(
+                                (0..n as u64).map(|r| r * n_cols + c),
+                            );
+                            columns.push(take(&values, &idx, None).map_err(|e| self.fail(e))?);
+                        }
+                    }
+                    _ => {
+                        let values = self.dense_rows(range)?;
+                        let size =
+                            i32::try_from(n_cols).map_err(|_| self.fail("too many columns"))?;
+                        columns.push(Arc::new(
+                            FixedSizeListArray::try_new(item, size, values, None)
+                                .map_err(|e| self.fail(e))?,
+                        ));
+                    }
+                }
+            }
+        }
+        let batch =
+            RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(|e| self.fail(e))?;
+        match projection {
+            Some(p) => batch.project(p).map_err(|e| self.fail(e)),
+            None => Ok(batch),
+        }
+    }
+
+    fn metrics(&self) -> ReadMetrics {
+        self.store.metrics()
+    }
+
+    fn describe(&self) -> String {
+        format!("'{}' of {}", self.element, self.store.location())
+    }
+}

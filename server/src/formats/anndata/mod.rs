@@ -1,0 +1,543 @@
+//! AnnData (`.h5ad`, `.zarr`), the AnnData tables of SpatialData stores, and generic HDF5 and
+//! zarr datasets: one reader over both array storages.
+//!
+//! Elements map to tables as SPEC section 5 lays out. `obs` and `var` are dataframes
+//! ([`frame`]); matrices ([`matrix`]) are read for a selection: a `filter` on `obs` is planned by
+//! DataFusion over the `obs` table, and the rows it selects are then the only rows of `X` read.
+//! Generic datasets ([`generic`]) are served as a column (1-D) or as fixed-size lists (2-D).
+
+mod frame;
+mod generic;
+mod matrix;
+mod structure;
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::concat_batches;
+use arrow::datatypes::{Schema, UInt64Type};
+use async_trait::async_trait;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::ViewTable;
+use datafusion::prelude::SessionContext;
+
+use super::array::{self, ArrayStore};
+use super::blocks::{BlockTable, split, split_range};
+use super::{Format, Inspection, Layout, Opened, Request};
+use crate::error::{Error, Result};
+use crate::query::{apply_filter, select_columns};
+use crate::storage::Located;
+use frame::{Frame, ROW_INDEX};
+use matrix::{MatrixSource, Output, Storage};
+
+/// Rows per record batch of a dataframe.
+const FRAME_BLOCK_ROWS: usize = 64 * 1024;
+/// Bytes of a matrix selection per endpoint, above which it splits into several.
+const ENDPOINT_BYTES: u64 = 16 << 20;
+
+/// AnnData, SpatialData and generic HDF5/zarr artifacts.
+pub struct AnnData;
+
+/// What a store holds.
+#[derive(Debug, Clone, PartialEq)]
+enum Kind {
+    /// An AnnData at the root.
+    AnnData,
+    /// A SpatialData store with these AnnData tables (under `tables/`).
+    SpatialData(Vec<String>),
+    /// Any other hierarchy of arrays.
+    Generic,
+}
+
+fn kind(store: &dyn ArrayStore) -> Result<Kind> {
+    if is_anndata(store, "")? {
+        return Ok(Kind::AnnData);
+    }
+    if store.is_group("tables")? {
+        let mut tables = Vec::new();
+        for name in store.children("tables")? {
+            if is_anndata(store, &array::join("tables", &name))? {
+                tables.push(name);
+            }
+        }
+        if !tables.is_empty() {
+            return Ok(Kind::SpatialData(tables));
+        }
+    }
+    Ok(Kind::Generic)
+}
+
+fn is_anndata(store: &dyn ArrayStore, path: &str) -> Result<bool> {
+    if !store.is_group(path)? {
+        return Ok(false);
+    }
+    if store.encoding(path)?.as_deref() == Some("anndata") {
+        return Ok(true);
+    }
+    // Files from anndata < 0.7 carry no encoding: recognise them by their elements, so that the
+    // refusal says what they are.
+    Ok(store.node(&array::join(path, "obs"))?.is_some()
+        && store.node(&array::join(path, "var"))?.is_some())
+}
+
+/// Opens a store on a blocking thread.
+async fn open_store(located: &Located) -> Result<Arc<dyn ArrayStore>> {
+    let located = located.clone();
+    let suffix = super::artifact_suffix(&located);
+    blocking(move || array::open_store(&located, &suffix)).await
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(Error::DataLoss {
+            location: "the array store".into(),
+            message: format!(
+                "the reader failed on malformed data ({})",
+                crate::error::panic_message(e.into_panic().as_ref())
+            ),
+        }),
+        Err(e) => Err(Error::Internal(format!("blocking task failed: {e}"))),
+    }
+}
+
+#[async_trait]
+impl Format for AnnData {
+    fn name(&self) -> &'static str {
+        "anndata/hdf5/zarr"
+    }
+
+    fn claims(&self, suffix: &str) -> bool {
+        matches!(suffix, ".h5ad" | ".h5" | ".hdf5" | ".zarr")
+    }
+
+    async fn open(
+        &self,
+        ctx: &SessionContext,
+        located: &Located,
+        request: &Request,
+    ) -> Result<Opened> {
+        let store = open_store(located).await?;
+        let s = Arc::clone(&store);
+        let kind = blocking(move || kind(s.as_ref())).await?;
+        let element = request.element.as_slice();
+        let (prefix, rest) = match (&kind, element) {
+            (Kind::AnnData, rest) => (String::new(), rest),
+            (Kind::SpatialData(tables), [t, name, rest @ ..]) if t == "tables" => {
+                if !tables.contains(name) {
+                    return Err(Error::not_found(format!(
+                        "no table '{name}' in {}; its tables are {tables:?}",
+                        store.location()
+                    )));
+                }
+                (array::join("tables", name), rest)
+            }
+            (Kind::SpatialData(tables), []) if tables.len() == 1 => {
+                (array::join("tables", &tables[0]), &[][..])
+            }
+            (Kind::SpatialData(tables), _) => {
+                return Err(Error::not_found(format!(
+                    "{} is a SpatialData store: name a table as [KEY, \"tables\", NAME, ...]; its \
+                     tables are {tables:?}",
+                    store.location()
+                )));
+            }
+            (Kind::Generic, _) => {
+                let table = generic::open(ctx, store, element).await?;
+                return Ok(Opened {
+                    table,
+                    selected: false,
+                });
+            }
+        };
+        if !matches!(rest, [] | [_] | [_, _]) {
+            return Err(Error::not_found(format!(
+                "no element {:?} in {}",
+                request.element,
+                store.location()
+            )));
+        }
+        let table = Element {
+            ctx,
+            store,
+            prefix,
+            request,
+        }
+        .open(rest)
+        .await?;
+        Ok(Opened {
+            table,
+            selected: true,
+        })
+    }
+
+    async fn inspect(&self, _ctx: &SessionContext, located: &Located) -> Result<Inspection> {
+        let store = open_store(located).await?;
+        blocking(move || {
+            let kind = kind(store.as_ref())?;
+            let (otype, root) = match &kind {
+                Kind::AnnData => ("AnnData", String::new()),
+                Kind::SpatialData(tables) => ("SpatialData", array::join("tables", &tables[0])),
+                Kind::Generic => {
+                    return Ok(Inspection {
+                        otype: None,
+                        n_observations: None,
+                    });
+                }
+            };
+            let n_obs = structure::shape(store.as_ref(), &root)?.map(|s| s[0]);
+            Ok(Inspection {
+                otype: Some(otype.to_string()),
+                n_observations: n_obs,
+            })
+        })
+        .await
+    }
+
+    async fn describe(&self, located: &Located) -> Result<Option<serde_json::Value>> {
+        let store = open_store(located).await?;
+        blocking(move || {
+            let kind = kind(store.as_ref())?;
+            let value = match kind {
+                Kind::AnnData => structure::anndata(store.as_ref(), "")?,
+                Kind::SpatialData(tables) => structure::spatialdata(store.as_ref(), &tables)?,
+                Kind::Generic => structure::tree(store.as_ref())?,
+            };
+            Ok(Some(value))
+        })
+        .await
+    }
+}
+
+/// One AnnData element being opened for a request.
+struct Element<'a> {
+    ctx: &'a SessionContext,
+    store: Arc<dyn ArrayStore>,
+    /// The AnnData's path in the store (`""`, or `tables/NAME` in a SpatialData store).
+    prefix: String,
+    request: &'a Request,
+}
+
+impl Element<'_> {
+    fn path(&self, parts: &[&str]) -> String {
+        parts
+            .iter()
+            .fold(self.prefix.clone(), |p, part| array::join(&p, part))
+    }
+
+    async fn open(&self, element: &[String]) -> Result<Arc<dyn TableProvider>> {
+        let parts: Vec<&str> = element.iter().map(String::as_str).collect();
+        let request = self.request;
+        match parts.as_slice() {
+            [] | ["obs"] | ["var"] => {
+                let is_var = parts == ["var"];
+                if request.layout.is_some() {
+                    return Err(Error::invalid("'layout' applies to matrix elements only"));
+                }
+                let (path, index) = if is_var {
+                    ("var", "var_names")
+                } else {
+                    ("obs", "obs_names")
+                };
+                let frame = self.frame(path, index, false).await?;
+                let frame = match (is_var, request.obs_range) {
+                    (false, Some([a, b])) => frame.restrict(a..b),
+                    _ => frame,
+                };
+                let parts = frame.len().div_ceil(1 << 20).max(1);
+                let table = frame_table(frame, parts);
+                let mut df = self.ctx.read_table(table)?;
+                if is_var {
+                    if let Some(names) = &request.var_names {
+                        let list = names
+                            .iter()
+                            .map(|n| format!("'{}'", n.replace('\'', "''")))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        df = apply_filter(self.ctx, df, &format!("var_names IN ({list})"))?;
+                    }
+                    if let Some(filter) = &request.var_filter {
+                        df = apply_filter(self.ctx, df, filter)?;
+                    }
+                }
+                if let Some(filter) = &request.filter {
+                    df = apply_filter(self.ctx, df, filter)?;
+                }
+                if let Some(columns) = &request.columns {
+                    df = select_columns(df, columns)?;
+                }
+                Ok(Arc::new(ViewTable::new(df.into_unoptimized_plan(), None)))
+            }
+            ["X"] => self.matrix(&self.path(&["X"]), "X").await,
+            ["layers", name] => self.matrix(&self.path(&["layers", name]), name).await,
+            [kind @ ("obsm" | "varm" | "obsp" | "varp"), name] => {
+                let path = self.path(&[kind, name]);
+                let by_var = kind.starts_with("var");
+                let pairs = kind.ends_with('p');
+                if request.layout.is_some() {
+                    return Err(Error::invalid(format!("'layout' does not apply to {kind}")));
+                }
+                let (rows, index) = if by_var {
+                    let (cols, names) = self.select_vars().await?;
+                    (cols, names)
+                } else {
+                    self.select_obs().await?
+                };
+                let store = Arc::clone(&self.store);
+                let p = path.clone();
+                let (storage, shape, dtype) =
+                    blocking(move || Storage::open(store.as_ref(), &p)).await?;
+                let expected = self.axis_len(by_var).await?;
+                if shape[0] != expected || (pairs && shape[1] != expected) {
+                    return Err(array::data_loss(
+                        self.store.location(),
+                        format!(
+                            "'{path}' has shape {shape:?}, but the AnnData has {expected} along its axis"
+                        ),
+                    ));
+                }
+                let cols = if pairs { Some(rows.clone()) } else { None };
+                let output = if pairs {
+                    Output::Pairs
+                } else {
+                    Output::Embedding
+                };
+                self.matrix_table(
+                    &path, storage, shape, dtype, rows, index, cols, None, output,
+                )
+            }
+            ["uns", ..] => Err(Error::invalid(
+                "uns is not a table: it is part of the 'describe' action's answer",
+            )),
+            _ => Err(Error::not_found(format!(
+                "no element {:?} in {}: elements are obs, var, X, layers/NAME, obsm/NAME, \
+                 varm/NAME, obsp/NAME and varp/NAME",
+                element,
+                self.store.location()
+            ))),
+        }
+    }
+
+    async fn frame(&self, path: &str, index: &str, row_index: bool) -> Result<Frame> {
+        let store = Arc::clone(&self.store);
+        let path = self.path(&[path]);
+        let index = index.to_string();
+        blocking(move || Frame::open(store, &path, &index, row_index)).await
+    }
+
+    async fn axis_len(&self, var: bool) -> Result<u64> {
+        let frame = self
+            .frame(if var { "var" } else { "obs" }, "names", false)
+            .await?;
+        Ok(frame.len() as u64)
+    }
+
+    /// Rows of `obs` that the request selects (`obs_range`, `filter`), ascending, with their
+    /// names and the requested `columns`.
+    async fn select_obs(&self) -> Result<(Vec<u64>, RecordBatch)> {
+        let frame = self.frame("obs", "obs_names", true).await?;
+        let frame = match self.request.obs_range {
+            Some([a, b]) => frame.restrict(a..b),
+            None => frame,
+        };
+        let mut columns = vec!["obs_names".to_string()];
+        columns.extend(self.request.columns.iter().flatten().cloned());
+        self.select(frame, self.request.filter.as_deref(), columns)
+            .await
+    }
+
+    /// Variables the request selects (`var_filter`, then `var_names` in the order given), with
+    /// their names.
+    async fn select_vars(&self) -> Result<(Vec<u64>, RecordBatch)> {
+        let frame = self.frame("var", "var_names", true).await?;
+        let (mut positions, mut index) = self
+            .select(
+                frame,
+                self.request.var_filter.as_deref(),
+                vec!["var_names".into()],
+            )
+            .await?;
+        if let Some(names) = &self.request.var_names {
+            let column = index.column(0);
+            let strings = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
+                .map_err(|e| Error::Internal(format!("var_names: {e}")))?;
+            let strings = strings.as_string::<i32>();
+            let mut by_name = std::collections::HashMap::with_capacity(strings.len());
+            for (i, name) in strings.iter().enumerate() {
+                if let Some(name) = name {
+                    by_name.entry(name.to_string()).or_insert(i);
+                }
+            }
+            let mut take = Vec::with_capacity(names.len());
+            for name in names {
+                match by_name.get(name) {
+                    Some(&i) => take.push(i as u64),
+                    None => {
+                        return Err(Error::not_found(format!(
+                            "no variable '{name}' in var_names{}",
+                            if self.request.var_filter.is_some() {
+                                " (after var_filter)"
+                            } else {
+                                ""
+                            }
+                        )));
+                    }
+                }
+            }
+            let take = arrow::array::UInt64Array::from(take);
+            index = RecordBatch::try_new(
+                index.schema(),
+                index
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::compute::take(c, &take, None))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            )
+            .map_err(|e| Error::Internal(e.to_string()))?;
+            positions = take
+                .values()
+                .iter()
+                .map(|&i| positions[i as usize])
+                .collect();
+        }
+        Ok((positions, index))
+    }
+
+    /// Runs `filter` and `columns` over a dataframe (with its row index) in DataFusion.
+    async fn select(
+        &self,
+        frame: Frame,
+        filter: Option<&str>,
+        columns: Vec<String>,
+    ) -> Result<(Vec<u64>, RecordBatch)> {
+        let table = frame_table(frame, 1);
+        let mut df = self.ctx.read_table(table)?;
+        if let Some(filter) = filter {
+            df = apply_filter(self.ctx, df, filter)?;
+        }
+        let mut wanted = columns;
+        wanted.push(ROW_INDEX.to_string());
+        df = select_columns(df, &wanted)?;
+        let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        let batch =
+            concat_batches(&schema, &batches).map_err(|e| Error::Internal(e.to_string()))?;
+        let last = batch.num_columns() - 1;
+        let positions = batch
+            .column(last)
+            .as_primitive::<UInt64Type>()
+            .values()
+            .to_vec();
+        let index = batch
+            .project(&(0..last).collect::<Vec<_>>())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // Metadata that DataFusion adds to fields is not part of our index.
+        let plain = Schema::new(index.schema().fields().clone());
+        let index = index
+            .with_schema(Arc::new(plain))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok((positions, index))
+    }
+
+    /// X or a layer.
+    async fn matrix(&self, path: &str, name: &str) -> Result<Arc<dyn TableProvider>> {
+        let store = Arc::clone(&self.store);
+        let p = path.to_string();
+        let (storage, shape, dtype) = blocking(move || Storage::open(store.as_ref(), &p)).await?;
+        let (rows, index) = self.select_obs().await?;
+        let n_obs = self.axis_len(false).await?;
+        if shape[0] != n_obs {
+            return Err(array::data_loss(
+                self.store.location(),
+                format!("'{path}' has {} rows, but obs has {n_obs}", shape[0]),
+            ));
+        }
+        let selects_vars = self.request.var_filter.is_some() || self.request.var_names.is_some();
+        let (vars, var_index) = self.select_vars().await?;
+        let names: Vec<String> = {
+            let strings =
+                arrow::compute::cast(var_index.column(0), &arrow::datatypes::DataType::Utf8)
+                    .map_err(|e| Error::Internal(format!("var_names: {e}")))?;
+            strings
+                .as_string::<i32>()
+                .iter()
+                .map(|s| s.unwrap_or_default().to_string())
+                .collect()
+        };
+        if !selects_vars && vars.len() as u64 != shape[1] {
+            return Err(array::data_loss(
+                self.store.location(),
+                format!(
+                    "'{path}' has {} columns, but var has {}",
+                    shape[1],
+                    vars.len()
+                ),
+            ));
+        }
+        let layout = self.request.layout.unwrap_or(match storage {
+            Storage::Dense { .. } => Layout::Dense,
+            Storage::Sparse(_) => Layout::Sparse,
+        });
+        let cols = selects_vars.then_some(vars);
+        let output = Output::Matrix {
+            layout,
+            name: name.to_string(),
+        };
+        self.matrix_table(
+            path,
+            storage,
+            shape,
+            dtype,
+            rows,
+            index,
+            cols,
+            Some(names),
+            output,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matrix_table(
+        &self,
+        path: &str,
+        storage: Storage,
+        shape: [u64; 2],
+        dtype: array::Dtype,
+        rows: Vec<u64>,
+        index: RecordBatch,
+        cols: Option<Vec<u64>>,
+        col_names: Option<Vec<String>>,
+        output: Output,
+    ) -> Result<Arc<dyn TableProvider>> {
+        let chunk = storage.row_chunk();
+        let csc = matches!(&storage, Storage::Sparse(s) if s.is_csc());
+        let source = MatrixSource::new(
+            Arc::clone(&self.store),
+            path,
+            storage,
+            shape,
+            dtype,
+            rows,
+            index,
+            cols,
+            col_names,
+            output,
+        )?;
+        let target = self.ctx.state().config().target_partitions();
+        let max_parts = if csc {
+            1
+        } else {
+            (source.dense_bytes().div_ceil(ENDPOINT_BYTES) as usize).clamp(1, target.max(1))
+        };
+        let partitions = split(source.rows(), source.block_rows(), max_parts, chunk);
+        Ok(Arc::new(BlockTable::new(Arc::new(source), partitions)))
+    }
+}
+
+/// A dataframe as a table with `parts` partitions.
+fn frame_table(frame: Frame, parts: usize) -> Arc<dyn TableProvider> {
+    let partitions = split_range(frame.len(), FRAME_BLOCK_ROWS, parts, 1);
+    Arc::new(BlockTable::new(Arc::new(frame), partitions))
+}
