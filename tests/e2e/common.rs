@@ -197,3 +197,75 @@ pub(crate) fn column_strings(batches: &[RecordBatch], name: &str) -> Vec<String>
 pub(crate) fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(|b| b.num_rows()).sum()
 }
+
+/// Writes a minimal AnnData zarr (format 3) store with zarrs: `n_obs x n_vars` float32 `X` with
+/// value `row * 1000 + col`, chunked by `chunk_rows` rows and uncompressed; obs has an `n` column
+/// (the row number) and string names `cell{row}`; var names `gene{col}`.
+pub(crate) fn write_zarr_anndata(path: &Path, n_obs: u64, n_vars: u64, chunk_rows: u64) -> PathBuf {
+    use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
+    use zarrs::group::GroupBuilder;
+    let store = Arc::new(zarrs::filesystem::FilesystemStore::new(path).expect("zarr store"));
+    let group = |p: &str, attrs: serde_json::Value| {
+        let attrs = attrs.as_object().cloned().unwrap_or_default();
+        GroupBuilder::new()
+            .attributes(attrs)
+            .build(store.clone(), p)
+            .expect("group")
+            .store_metadata()
+            .expect("group metadata");
+    };
+    group(
+        "/",
+        serde_json::json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}),
+    );
+    for (frame, prefix, n) in [("obs", "cell", n_obs), ("var", "gene", n_vars)] {
+        let columns: Vec<&str> = if frame == "obs" { vec!["n"] } else { vec![] };
+        group(
+            &format!("/{frame}"),
+            serde_json::json!({"encoding-type": "dataframe", "encoding-version": "0.2.0",
+                               "_index": "_index", "column-order": columns}),
+        );
+        let names = ArrayBuilder::new(vec![n], vec![n], data_type::string(), "")
+            .build(store.clone(), &format!("/{frame}/_index"))
+            .expect("names");
+        names.store_metadata().expect("metadata");
+        let values: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+        names
+            .store_array_subset(&ArraySubset::new_with_ranges(&[0..n]), values)
+            .expect("write names");
+        if frame == "obs" {
+            let col = ArrayBuilder::new(vec![n], vec![n], data_type::int32(), 0i32)
+                .build(store.clone(), "/obs/n")
+                .expect("n");
+            col.store_metadata().expect("metadata");
+            let values: Vec<i32> = (0..n as i32).collect();
+            col.store_array_subset(&ArraySubset::new_with_ranges(&[0..n]), values)
+                .expect("write n");
+        }
+    }
+    let x = ArrayBuilder::new(
+        vec![n_obs, n_vars],
+        vec![chunk_rows, n_vars],
+        data_type::float32(),
+        0f32,
+    )
+    .build(store.clone(), "/X")
+    .expect("X");
+    x.store_metadata().expect("metadata");
+    let values: Vec<f32> = (0..n_obs)
+        .flat_map(|r| (0..n_vars).map(move |c| (r * 1000 + c) as f32))
+        .collect();
+    x.store_array_subset(
+        &ArraySubset::new_with_ranges(&[0..n_obs, 0..n_vars]),
+        values,
+    )
+    .expect("write X");
+    path.to_path_buf()
+}
+
+/// The demo AnnData files committed in the repository.
+pub(crate) fn demo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("demo")
+        .join(name)
+}
