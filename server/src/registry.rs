@@ -1,7 +1,7 @@
 //! The write side: registering artifacts, making collections, storing uploads and deleting.
 //! Shared by the Flight actions and the command line (which registers directly, as the operator).
 
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use futures::{Stream, StreamExt};
 use parquet::arrow::AsyncArrowWriter;
@@ -181,6 +181,103 @@ impl Registry {
         self.register_url(url, key, description, true, true).await
     }
 
+    /// Writes a new version of the zarr AnnData `key` with one more column in `element` (`obs` or
+    /// `var`). The old version is untouched; unchanged files are shared by hard links.
+    pub async fn add_column(
+        &self,
+        key: &str,
+        element: &str,
+        name: &str,
+        values: ArrayRef,
+    ) -> Result<(ArtifactRecord, bool)> {
+        if !matches!(element, "obs" | "var") {
+            return Err(Error::invalid(format!(
+                "add_column adds to 'obs' or 'var', not '{element}'"
+            )));
+        }
+        let k = key.to_string();
+        let entry = self
+            .planner
+            .catalog()
+            .run(move |c| c.resolve(&k, None))
+            .await?;
+        let Entry::Artifact(record) = entry else {
+            return Err(Error::invalid(format!(
+                "'{key}' is a collection, not an AnnData artifact"
+            )));
+        };
+        if record.suffix != ".zarr" || record.otype.as_deref() != Some("AnnData") {
+            return Err(Error::invalid(format!(
+                "add_column writes new versions of zarr AnnData artifacts, and '{key}' is {} {}. \
+                 An .h5ad is one HDF5 file whose versions could share nothing: convert it with \
+                 `anndata.read_h5ad(path).write_zarr(path_zarr)` and register the .zarr",
+                record.otype.as_deref().unwrap_or("an artifact"),
+                if record.suffix.is_empty() {
+                    "(a folder)"
+                } else {
+                    record.suffix.as_str()
+                },
+            )));
+        }
+        let source = Url::parse(&record.path)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "add_column needs a local store; '{key}' is at {}",
+                    record.path
+                ))
+            })?;
+        let shape = self
+            .planner
+            .describe(&record)
+            .await?
+            .and_then(|s| s.get("shape").cloned())
+            .and_then(|s| serde_json::from_value::<[u64; 2]>(s).ok())
+            .ok_or_else(|| Error::invalid(format!("'{key}' has no AnnData shape")))?;
+        let expected = if element == "obs" { shape[0] } else { shape[1] };
+        if values.len() as u64 != expected {
+            return Err(Error::invalid(format!(
+                "add_column got {} values, but '{key}' has {expected} rows in {element}",
+                values.len()
+            )));
+        }
+        let dir = self.planner.storage().managed_dir();
+        let upload = dir.join(format!(".upload-{:016x}.zarr", rand::random::<u64>()));
+        let (from, to, frame, column) = (
+            source.clone(),
+            upload.clone(),
+            element.to_string(),
+            name.to_string(),
+        );
+        let written = tokio::task::spawn_blocking(move || {
+            formats::add_column(&from, &to, &frame, &column, &values)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))
+        .and_then(|r| r);
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_dir_all(&upload).await;
+            return Err(e);
+        }
+        let storage = self.planner.storage();
+        let upload_url = Url::from_directory_path(&upload)
+            .map_err(|_| Error::Internal(format!("bad upload path {}", upload.display())))?;
+        let hash = storage.hash(&storage.locate(&upload_url).await?).await?;
+        let target = dir.join(format!("{hash}.zarr"));
+        if target.exists() {
+            let _ = tokio::fs::remove_dir_all(&upload).await;
+        } else {
+            tokio::fs::rename(&upload, &target)
+                .await
+                .map_err(|e| Error::io(target.display(), e))?;
+        }
+        let url = Url::from_directory_path(&target)
+            .map_err(|_| Error::Internal(format!("bad managed path {}", target.display())))?;
+        self.register_url(url, key, record.description.clone(), true, true)
+            .await
+    }
+
     /// Trashes or deletes one version or all versions of `key`; managed files no record uses
     /// any more are removed. Files outside managed storage are never touched.
     pub async fn delete(
@@ -199,7 +296,11 @@ impl Registry {
         for path in deleted.orphaned_paths {
             if let Some(file) = Url::parse(&path).ok().and_then(|u| u.to_file_path().ok())
                 && file.starts_with(&managed)
-                && let Err(e) = tokio::fs::remove_file(&file).await
+                && let Err(e) = if file.is_dir() {
+                    tokio::fs::remove_dir_all(&file).await
+                } else {
+                    tokio::fs::remove_file(&file).await
+                }
             {
                 tracing::warn!(file = %file.display(), error = %e, "could not remove managed file");
             }

@@ -231,7 +231,10 @@ pub(crate) fn write_zarr_anndata(path: &Path, n_obs: u64, n_vars: u64, chunk_row
         names.store_metadata().expect("metadata");
         let values: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
         names
-            .store_array_subset(&ArraySubset::new_with_start_shape(vec![0], vec![n]).expect("subset"), values)
+            .store_array_subset(
+                &ArraySubset::new_with_start_shape(vec![0], vec![n]).expect("subset"),
+                values,
+            )
             .expect("write names");
         if frame == "obs" {
             let col = ArrayBuilder::new(vec![n], vec![n], data_type::int32(), 0i32)
@@ -239,8 +242,11 @@ pub(crate) fn write_zarr_anndata(path: &Path, n_obs: u64, n_vars: u64, chunk_row
                 .expect("n");
             col.store_metadata().expect("metadata");
             let values: Vec<i32> = (0..n as i32).collect();
-            col.store_array_subset(&ArraySubset::new_with_start_shape(vec![0], vec![n]).expect("subset"), values)
-                .expect("write n");
+            col.store_array_subset(
+                &ArraySubset::new_with_start_shape(vec![0], vec![n]).expect("subset"),
+                values,
+            )
+            .expect("write n");
         }
     }
     let x = ArrayBuilder::new(

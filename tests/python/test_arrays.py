@@ -123,3 +123,68 @@ def test_show_prints_the_anndata_repr(server, generic_files):
     assert "SpatialData object" in shown and "table 'table': AnnData object with n_obs × n_vars = " in shown
     shown = cli(server, "show", "generic.h5").stdout
     assert "matrix  shape=[1000,3] dtype=float64 chunks=[100,3]" in shown
+
+
+def snapshot(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_add_column_writes_a_new_version(client, server, zarr_format):
+    """add_column: a new version with the column; the old one byte-for-byte unchanged."""
+    import shutil
+
+    src = ad.read_zarr(REPO / "demo" / "pbmc68k.zarr")
+    src.uns["copy"] = f"zarr {zarr_format}"  # new content, not a duplicate of the demo's
+    path = server.files / f"edit{zarr_format}.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    with ad.settings.override(zarr_write_format=zarr_format):
+        src.write_zarr(path)
+    key = f"edit{zarr_format}.zarr"
+    [r] = client.do_action(flight.Action("register", json.dumps({"path": str(path), "key": key}).encode()))
+    old = json.loads(r.body.to_pybytes())
+    before = snapshot(path)
+
+    rng = np.random.default_rng(0)
+    score = rng.random(70).round(3).tolist()
+    body = {"key": key, "element": "obs", "name": "score", "values": score}
+    [r] = client.do_action(flight.Action("add_column", json.dumps(body).encode()))
+    new = json.loads(r.body.to_pybytes())
+    assert new["uid"][:16] == old["uid"][:16] and new["uid"] != old["uid"] and new["is_latest"]
+
+    # A categorical var column through DoPut, with a missing value.
+    kinds = pa.array(["a", None] + ["b"] * 763).dictionary_encode()
+    descriptor = flight.FlightDescriptor.for_command(
+        json.dumps({"action": "add_column", "key": key, "element": "var", "name": "kind"})
+    )
+    writer, reader = client.do_put(descriptor, pa.schema([("kind", kinds.type)]))
+    writer.write_table(pa.table({"kind": kinds}))
+    writer.done_writing()
+    newest = json.loads(reader.read().to_pybytes())
+    writer.close()
+
+    assert snapshot(path) == before, "the old version's files changed"
+    _, obs_old = read(client, key=key, version=old["uid"])
+    assert "score" not in obs_old.schema.names
+    _, obs_new = read(client, key=key)
+    assert obs_new.column("score").to_pylist() == score
+    _, x = read(client, key=key, element=["X"], filter="score > 0.5")
+    assert x.num_rows == sum(s > 0.5 for s in score)
+
+    # The real anndata reads the new version, column and all.
+    stored = ad.read_zarr(newest["path"].removeprefix("file://"))
+    np.testing.assert_array_equal(stored.obs["score"].to_numpy(), np.array(score))
+    assert stored.var["kind"].iloc[0] == "a" and stored.var["kind"].isna().iloc[1]
+    np.testing.assert_array_equal(np.asarray(stored.X), np.asarray(src.X))
+
+    with pytest.raises(pa.ArrowInvalid, match="already has a column 'score'"):
+        list(client.do_action(flight.Action("add_column", json.dumps(body).encode())))
+    with pytest.raises(pa.ArrowInvalid, match="70 rows"):
+        short = dict(body, name="short", values=[1, 2])
+        list(client.do_action(flight.Action("add_column", json.dumps(short).encode())))
+
+
+def test_add_column_refuses_h5ad_with_advice(client):
+    body = {"key": "pbmc68k.h5ad", "element": "obs", "name": "x", "values": [1] * 70}
+    with pytest.raises(pa.ArrowInvalid, match="write_zarr"):
+        list(client.do_action(flight.Action("add_column", json.dumps(body).encode())))

@@ -17,6 +17,7 @@ use datafusion::prelude::SessionContext;
 use crate::error::{Error, Result};
 use crate::storage::Located;
 pub use anndata::AnnData;
+pub(crate) use anndata::{add_column, json_values};
 pub use array::ReadMetrics;
 pub use listing::Listing;
 

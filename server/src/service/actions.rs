@@ -23,7 +23,37 @@ pub(crate) const ACTIONS: &[(&str, &str)] = &[
         "delete",
         r#"Trash (or with "permanent", delete) a key or one version: {"key", "version"?, "permanent"?}"#,
     ),
+    (
+        "add_column",
+        r#"A new version of a zarr AnnData with one more column: {"key", "element": "obs"|"var", "name", "values": [...]}"#,
+    ),
 ];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddColumn {
+    key: String,
+    element: String,
+    name: String,
+    values: Vec<Value>,
+}
+
+/// The command descriptor of a DoPut that adds a column (the values are the uploaded column).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddColumnPut {
+    #[allow(dead_code)]
+    action: AddColumnAction,
+    pub(crate) key: String,
+    pub(crate) element: String,
+    pub(crate) name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum AddColumnAction {
+    AddColumn,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +129,14 @@ pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Resul
                 map.insert("structure".into(), structure);
             }
             Ok(value)
+        }
+        "add_column" => {
+            let r: AddColumn = parse(action, body)?;
+            let values = crate::formats::json_values(&r.values)?;
+            let (record, _) = registry
+                .add_column(&r.key, &r.element, &r.name, values)
+                .await?;
+            Ok(Entry::Artifact(record).to_json())
         }
         "list_versions" => {
             let r: Key = parse(action, body)?;

@@ -170,15 +170,44 @@ impl FlightHandler {
             .flight_descriptor
             .clone()
             .ok_or_else(|| Error::invalid("DoPut's first message carries no descriptor"))?;
-        let key = match (
+        let (key, add_column) = match (
             DescriptorType::try_from(descriptor.r#type),
             descriptor.path.as_slice(),
         ) {
-            (Ok(DescriptorType::Path), [key]) => key.clone(),
-            _ => return Err(Error::invalid("DoPut takes a path descriptor [KEY]")),
+            (Ok(DescriptorType::Path), [key]) => (key.clone(), None),
+            (Ok(DescriptorType::Cmd), _) => {
+                let command: actions::AddColumnPut = serde_json::from_slice(&descriptor.cmd)
+                    .map_err(|e| Error::invalid(format!("invalid DoPut command: {e}")))?;
+                (command.key.clone(), Some(command))
+            }
+            _ => {
+                return Err(Error::invalid(
+                    "DoPut takes a path descriptor [KEY], or a command {\"action\": \"add_column\", ...}",
+                ));
+            }
         };
         let data = stream::once(async { Ok(first) }).chain(input.map_err(FlightError::from));
         let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        if let Some(command) = add_column {
+            let mut columns = Vec::new();
+            while let Some(batch) = batches.try_next().await.map_err(flight_input_error)? {
+                if batch.num_columns() != 1 {
+                    return Err(Error::invalid(format!(
+                        "add_column takes one column, got {}",
+                        batch.num_columns()
+                    )));
+                }
+                columns.push(batch.column(0).clone());
+            }
+            let refs: Vec<&dyn arrow::array::Array> = columns.iter().map(|c| c.as_ref()).collect();
+            let values = arrow::compute::concat(&refs)
+                .map_err(|e| Error::invalid(format!("add_column values: {e}")))?;
+            let (record, _) = self
+                .registry
+                .add_column(&key, &command.element, &command.name, values)
+                .await?;
+            return Ok(Entry::Artifact(record).to_json());
+        }
         let first_batch = batches.try_next().await.map_err(flight_input_error)?;
         let schema = match (&first_batch, batches.schema()) {
             (Some(batch), _) => batch.schema(),

@@ -10,6 +10,9 @@ mod frame;
 mod generic;
 mod matrix;
 mod structure;
+mod write;
+
+pub(crate) use write::{add_column, json_values};
 
 use std::sync::Arc;
 
