@@ -324,7 +324,7 @@ async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result
         .await?;
     print_json(&entry.to_json())?;
     if let Entry::Artifact(record) = entry {
-        if let Some(structure) = server.planner().describe(&record).await? {
+        if let Some(structure) = server.planner().describe(&record, true).await? {
             print!("{}", structure_repr(&structure));
             return Ok(());
         }

@@ -230,7 +230,7 @@ impl Registry {
             })?;
         let shape = self
             .planner
-            .describe(&record)
+            .describe(&record, false)
             .await?
             .and_then(|s| s.get("shape").cloned())
             .and_then(|s| serde_json::from_value::<[u64; 2]>(s).ok())

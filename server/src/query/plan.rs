@@ -265,7 +265,7 @@ impl Planner {
         if !record.trusted {
             self.storage.check_allowed(&url)?;
         }
-        let located = self.storage.locate(&url).await.map_err(|e| match e {
+        let located = self.storage.locate_store(&url).await.map_err(|e| match e {
             Error::NotFound(message) => Error::DataLoss {
                 location: format!("artifact '{}' ({})", record.key, record.uid),
                 message,
@@ -282,17 +282,22 @@ impl Planner {
     }
 
     /// The artifact's structure (AnnData shape and elements, an array tree), if its format has one.
-    pub async fn describe(&self, record: &ArtifactRecord) -> Result<Option<serde_json::Value>> {
+    /// With `values`, nested data such as AnnData's `uns` is read too.
+    pub async fn describe(
+        &self,
+        record: &ArtifactRecord,
+        values: bool,
+    ) -> Result<Option<serde_json::Value>> {
         let url = Url::parse(&record.path).map_err(|e| {
             Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
         })?;
         if !record.trusted {
             self.storage.check_allowed(&url)?;
         }
-        let located = self.storage.locate(&url).await?;
+        let located = self.storage.locate_store(&url).await?;
         let format = formats::format_for(&located, &record.suffix)?;
         let location = format!("artifact '{}' at {}", record.key, record.path);
-        guard_reader(location, format.describe(&located)).await
+        guard_reader(location, format.describe(&located, values)).await
     }
 
     /// The table of several artifacts: their union in order, columns unified by name.

@@ -123,7 +123,7 @@ pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Resul
                 .await?;
             let mut value = entry.to_json();
             if let Entry::Artifact(record) = &entry
-                && let Some(structure) = registry.planner().describe(record).await?
+                && let Some(structure) = registry.planner().describe(record, true).await?
                 && let Some(map) = value.as_object_mut()
             {
                 map.insert("structure".into(), structure);

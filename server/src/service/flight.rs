@@ -67,18 +67,7 @@ impl FlightHandler {
         {
             return None;
         }
-        match self.registry.planner().describe(record).await {
-            Ok(Some(mut value)) => {
-                if let Some(map) = value.as_object_mut()
-                    && let Some(uns) = map.get("uns").and_then(|u| u.as_object())
-                {
-                    let keys: Vec<String> = uns.keys().cloned().collect();
-                    map.insert("uns".into(), json!(keys));
-                }
-                Some(value)
-            }
-            _ => None,
-        }
+        self.registry.planner().describe(record, false).await.ok().flatten()
     }
 
     fn flight_info(

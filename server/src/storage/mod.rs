@@ -250,6 +250,28 @@ impl Storage {
     }
 
     /// Lists the artifact at `url`: one file, or every data file under a folder in path order.
+    /// Like [`Storage::locate`], but a folder that a format reads as one store (zarr) is not
+    /// listed: readers fetch only what they need, and a store of thousands of chunks would
+    /// otherwise be listed on every request. Registration lists (and checks) it once.
+    pub async fn locate_store(&self, url: &Url) -> Result<Located> {
+        if !is_zarr(url) {
+            return self.locate(url).await;
+        }
+        let (store, prefix) = self.object_store(url)?;
+        if let Ok(path) = url.to_file_path()
+            && !path.is_dir()
+        {
+            return Err(Error::not_found(format!("no zarr store at '{url}'")));
+        }
+        Ok(Located {
+            url: url.clone(),
+            is_folder: true,
+            files: Vec::new(),
+            store,
+            prefix,
+        })
+    }
+
     pub async fn locate(&self, url: &Url) -> Result<Located> {
         let (store, prefix) = self.object_store(url)?;
         let is_folder = url.path().ends_with('/');
@@ -259,13 +281,17 @@ impl Storage {
                 .try_collect()
                 .await
                 .map_err(|e| Error::storage(url, e))?;
+            // Hidden and `_` files are not shards of a dataset (pyarrow.dataset skips them), but in
+            // a zarr store they are its metadata (`.zarray`, `.zattrs`, ...): part of its content.
+            let zarr = is_zarr(url);
             files.retain(|f| {
                 let rel = f
                     .location
                     .as_ref()
                     .strip_prefix(prefix.as_ref())
                     .unwrap_or("");
-                !rel.split('/')
+                zarr || !rel
+                    .split('/')
                     .any(|s| s.starts_with('.') || s.starts_with('_'))
             });
             files.sort_by(|a, b| a.location.cmp(&b.location));
@@ -428,4 +454,9 @@ mod tests {
         }
         Ok(())
     }
+}
+
+/// Whether the URL names a zarr store (a folder whose name ends in `.zarr`).
+fn is_zarr(url: &Url) -> bool {
+    url.path().trim_end_matches('/').to_ascii_lowercase().ends_with(".zarr")
 }

@@ -198,13 +198,13 @@ impl Format for AnnData {
         .await
     }
 
-    async fn describe(&self, located: &Located) -> Result<Option<serde_json::Value>> {
+    async fn describe(&self, located: &Located, values: bool) -> Result<Option<serde_json::Value>> {
         let store = open_store(located).await?;
         blocking(move || {
             let kind = kind(store.as_ref())?;
             let value = match kind {
-                Kind::AnnData => structure::anndata(store.as_ref(), "")?,
-                Kind::SpatialData(tables) => structure::spatialdata(store.as_ref(), &tables)?,
+                Kind::AnnData => structure::anndata(store.as_ref(), "", values)?,
+                Kind::SpatialData(tables) => structure::spatialdata(store.as_ref(), &tables, values)?,
                 Kind::Generic => structure::tree(store.as_ref())?,
             };
             Ok(Some(value))

@@ -81,7 +81,7 @@ fn matrix(store: &dyn ArrayStore, path: &str) -> Result<Value> {
 }
 
 /// The AnnData at `root`.
-pub(super) fn anndata(store: &dyn ArrayStore, root: &str) -> Result<Value> {
+pub(super) fn anndata(store: &dyn ArrayStore, root: &str, values: bool) -> Result<Value> {
     let shape = shape(store, root)?;
     let mut out = Map::new();
     out.insert("otype".into(), json!("AnnData"));
@@ -93,22 +93,20 @@ pub(super) fn anndata(store: &dyn ArrayStore, root: &str) -> Result<Value> {
         out.insert(kind.into(), keys(store, &join(root, kind))?);
     }
     let uns = join(root, "uns");
-    out.insert(
-        "uns".into(),
-        if store.is_group(&uns)? {
-            uns_value(store, &uns, 0)?
-        } else {
-            json!({})
-        },
-    );
+    let uns = match (store.is_group(&uns)?, values) {
+        (false, _) => json!({}),
+        (true, true) => uns_value(store, &uns, 0)?,
+        (true, false) => keys(store, &uns)?,
+    };
+    out.insert("uns".into(), uns);
     Ok(Value::Object(out))
 }
 
 /// A SpatialData store: its AnnData tables and the names of its other elements.
-pub(super) fn spatialdata(store: &dyn ArrayStore, tables: &[String]) -> Result<Value> {
+pub(super) fn spatialdata(store: &dyn ArrayStore, tables: &[String], values: bool) -> Result<Value> {
     let mut described = Map::new();
     for name in tables {
-        described.insert(name.clone(), anndata(store, &join("tables", name))?);
+        described.insert(name.clone(), anndata(store, &join("tables", name), values)?);
     }
     let mut elements = Map::new();
     for kind in ["images", "labels", "points", "shapes"] {
