@@ -105,7 +105,11 @@ pub trait Format: Send + Sync {
     /// The artifact's structure for `describe` and flight metadata (AnnData's shape and elements,
     /// an HDF5/zarr tree), if it has one. Without `values`, nested data (AnnData's `uns`) is
     /// listed by name only, which reads no arrays.
-    async fn describe(&self, _located: &Located, _values: bool) -> Result<Option<serde_json::Value>> {
+    async fn describe(
+        &self,
+        _located: &Located,
+        _values: bool,
+    ) -> Result<Option<serde_json::Value>> {
         Ok(None)
     }
 

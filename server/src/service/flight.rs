@@ -67,7 +67,12 @@ impl FlightHandler {
         {
             return None;
         }
-        self.registry.planner().describe(record, false).await.ok().flatten()
+        self.registry
+            .planner()
+            .describe(record, false)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn flight_info(

@@ -221,7 +221,7 @@ fn column(store: &Arc<dyn ArrayStore>, frame: &str, name: &str) -> Result<Column
                 "categorical" => {
                     let codes = join(&path, "codes");
                     let info = store.array(&codes)?;
-                    let categories = store.read_all(&join(&path, "categories"))?;
+                    let categories = store.read_all_kept(&join(&path, "categories"))?;
                     let key = match info.dtype {
                         Dtype::Int8 => DataType::Int8,
                         Dtype::Int16 => DataType::Int16,

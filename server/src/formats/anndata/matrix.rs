@@ -117,7 +117,7 @@ impl Storage {
                 let indices = join(path, "indices");
                 let data_info = store.array(&data)?;
                 let indices_info = store.array(&indices)?;
-                let indptr = store.read_all(&join(path, "indptr"))?;
+                let indptr = store.read_all_kept(&join(path, "indptr"))?;
                 let indptr = cast(&indptr, &DataType::Int64)
                     .map_err(|e| data_loss(location, format!("'{path}/indptr': {e}")))?;
                 let indptr: Vec<i64> = indptr.as_primitive::<Int64Type>().values().to_vec();

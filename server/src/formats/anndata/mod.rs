@@ -204,7 +204,9 @@ impl Format for AnnData {
             let kind = kind(store.as_ref())?;
             let value = match kind {
                 Kind::AnnData => structure::anndata(store.as_ref(), "", values)?,
-                Kind::SpatialData(tables) => structure::spatialdata(store.as_ref(), &tables, values)?,
+                Kind::SpatialData(tables) => {
+                    structure::spatialdata(store.as_ref(), &tables, values)?
+                }
                 Kind::Generic => structure::tree(store.as_ref())?,
             };
             Ok(Some(value))

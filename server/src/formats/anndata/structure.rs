@@ -103,7 +103,11 @@ pub(super) fn anndata(store: &dyn ArrayStore, root: &str, values: bool) -> Resul
 }
 
 /// A SpatialData store: its AnnData tables and the names of its other elements.
-pub(super) fn spatialdata(store: &dyn ArrayStore, tables: &[String], values: bool) -> Result<Value> {
+pub(super) fn spatialdata(
+    store: &dyn ArrayStore,
+    tables: &[String],
+    values: bool,
+) -> Result<Value> {
     let mut described = Map::new();
     for name in tables {
         described.insert(name.clone(), anndata(store, &join("tables", name), values)?);

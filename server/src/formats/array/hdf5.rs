@@ -16,7 +16,7 @@ use hdf5::types::{FloatSize, IntSize, TypeDescriptor, VarLenAscii, VarLenUnicode
 use hdf5::{Dataset, File, H5Type, Hyperslab, Location, LocationType, Selection, SliceOrIndex};
 use serde_json::{Map, Value};
 
-use super::{ArrayInfo, ArrayStore, Dtype, Node, ReadMetrics, data_loss};
+use super::{ArrayInfo, ArrayStore, Dtype, Memo, Node, ReadMetrics, data_loss};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 
@@ -24,9 +24,11 @@ use crate::storage::Located;
 #[derive(Debug)]
 pub(crate) struct Hdf5Store {
     file: File,
+    path: std::path::PathBuf,
     location: String,
     reads: AtomicU64,
     bytes: AtomicU64,
+    memo: Memo,
 }
 
 impl Hdf5Store {
@@ -42,9 +44,11 @@ impl Hdf5Store {
             .map_err(|e| data_loss(&location, format!("not a readable HDF5 file ({e})")))?;
         Ok(Self {
             file,
+            path,
             location,
             reads: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            memo: Memo::default(),
         })
     }
 
@@ -235,6 +239,16 @@ impl ArrayStore for Hdf5Store {
         self.bytes
             .fetch_add(array.len() as u64 * dtype.width(), Ordering::Relaxed);
         Ok(array)
+    }
+
+    fn fingerprint(&self) -> Option<u64> {
+        Some(super::files_fingerprint(std::iter::once(
+            self.path.as_path(),
+        )))
+    }
+
+    fn memo(&self) -> &Memo {
+        &self.memo
     }
 
     fn metrics(&self) -> ReadMetrics {

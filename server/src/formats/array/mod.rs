@@ -148,7 +148,18 @@ pub(crate) trait ArrayStore: Send + Sync + fmt::Debug {
 
     /// What the store has read since it was opened.
     fn metrics(&self) -> ReadMetrics;
+
+    /// Small arrays read once and kept (sparse `indptr`, categories).
+    fn memo(&self) -> &Memo;
+
+    /// Changes when the store's metadata on disk changes; `None` if that cannot be told cheaply
+    /// (remote stores), so the open store is not reused.
+    fn fingerprint(&self) -> Option<u64>;
 }
+
+/// Whole arrays a store keeps once read, by path.
+#[derive(Debug, Default)]
+pub(crate) struct Memo(std::sync::Mutex<std::collections::HashMap<String, ArrayRef>>);
 
 /// Helpers on top of the trait's primitives.
 impl<'a> dyn ArrayStore + 'a {
@@ -194,6 +205,20 @@ impl<'a> dyn ArrayStore + 'a {
         self.read(path, &vec![0; info.shape.len()], &info.shape)
     }
 
+    /// Reads a whole array once per open store; later calls return the kept copy.
+    pub(crate) fn read_all_kept(&self, path: &str) -> Result<ArrayRef> {
+        if let Ok(memo) = self.memo().0.lock()
+            && let Some(array) = memo.get(path)
+        {
+            return Ok(Arc::clone(array));
+        }
+        let array = self.read_all(path)?;
+        if let Ok(mut memo) = self.memo().0.lock() {
+            memo.insert(path.to_string(), Arc::clone(&array));
+        }
+        Ok(array)
+    }
+
     /// A string attribute, if present.
     pub(crate) fn attr_str(&self, path: &str, name: &str) -> Result<Option<String>> {
         Ok(self
@@ -219,12 +244,52 @@ pub(crate) fn join(parent: &str, child: &str) -> String {
 }
 
 /// Opens the array store an artifact is: an HDF5 file (`.h5ad`, `.h5`, `.hdf5`) or a zarr store.
+///
+/// Open local stores are kept (up to [`OPEN_STORES`]) and reused while the file, or the zarr
+/// store's root metadata, keeps its size and modification time: a request then reads no
+/// metadata again, and `indptr` and categories are read once per store.
 pub(crate) fn open_store(located: &Located, suffix: &str) -> Result<Arc<dyn ArrayStore>> {
-    if is_hdf5(suffix) {
-        Ok(Arc::new(hdf5::Hdf5Store::open(located)?))
-    } else {
-        Ok(Arc::new(zarr::ZarrStore::open(located)?))
+    let key = located.url.to_string();
+    let cached = STORES.lock().ok().and_then(|c| c.get(&key).cloned());
+    if let Some((stamp, store)) = cached
+        && store.fingerprint().is_some_and(|now| now == stamp)
+    {
+        return Ok(store);
     }
+    let store: Arc<dyn ArrayStore> = if is_hdf5(suffix) {
+        Arc::new(hdf5::Hdf5Store::open(located)?)
+    } else {
+        Arc::new(zarr::ZarrStore::open(located)?)
+    };
+    if let (Some(stamp), Ok(mut cache)) = (store.fingerprint(), STORES.lock()) {
+        if cache.len() >= OPEN_STORES {
+            cache.clear();
+        }
+        cache.insert(key, (stamp, Arc::clone(&store)));
+    }
+    Ok(store)
+}
+
+/// How many open stores are kept.
+const OPEN_STORES: usize = 64;
+
+type Stores = std::collections::HashMap<String, (u64, Arc<dyn ArrayStore>)>;
+
+static STORES: std::sync::LazyLock<std::sync::Mutex<Stores>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A fingerprint of local files' sizes and modification times.
+pub(crate) fn files_fingerprint<'a>(paths: impl Iterator<Item = &'a std::path::Path>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for path in paths {
+        path.hash(&mut hasher);
+        if let Ok(meta) = std::fs::metadata(path) {
+            meta.len().hash(&mut hasher);
+            meta.modified().ok().hash(&mut hasher);
+        }
+    }
+    hasher.finish()
 }
 
 /// Whether the suffix names an HDF5 file.

@@ -28,7 +28,7 @@ use zarrs::storage::storage_adapter::async_to_sync::{
 use zarrs::storage::storage_adapter::performance_metrics::PerformanceMetricsStorageAdapter;
 use zarrs::storage::{ReadableListableStorage, ReadableListableStorageTraits};
 
-use super::{ArrayInfo, ArrayStore, Dtype, Node, ReadMetrics, data_loss};
+use super::{ArrayInfo, ArrayStore, Dtype, Memo, Node, ReadMetrics, data_loss};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 
@@ -40,6 +40,9 @@ pub(crate) struct ZarrStore {
     location: String,
     /// Every node's metadata by path (`""` for the root).
     nodes: BTreeMap<String, NodeMetadata>,
+    /// The store's local directory (none for object storage).
+    root: Option<std::path::PathBuf>,
+    memo: Memo,
 }
 
 impl std::fmt::Debug for ZarrStore {
@@ -93,6 +96,8 @@ impl ZarrStore {
             storage,
             location,
             nodes,
+            root: located.url.to_file_path().ok(),
+            memo: Memo::default(),
         })
     }
 
@@ -253,6 +258,22 @@ impl ArrayStore for ZarrStore {
                 Arc::new(StringArray::from_iter_values(values))
             }
         })
+    }
+
+    fn fingerprint(&self) -> Option<u64> {
+        let root = self.root.as_ref()?;
+        // Every metadata document a node can have, and the consolidated one.
+        const NAMES: [&str; 4] = ["zarr.json", ".zarray", ".zattrs", ".zgroup"];
+        let mut files = vec![root.join(".zmetadata")];
+        for node in self.nodes.keys() {
+            let dir = root.join(node);
+            files.extend(NAMES.iter().map(|n| dir.join(n)));
+        }
+        Some(super::files_fingerprint(files.iter().map(|p| p.as_path())))
+    }
+
+    fn memo(&self) -> &Memo {
+        &self.memo
     }
 
     fn metrics(&self) -> ReadMetrics {
