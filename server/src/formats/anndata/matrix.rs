@@ -350,25 +350,25 @@ impl MatrixSource {
             Some(c) => a / c == b / c,
             None => (b - a) * row_bytes <= 256 << 10,
         });
-        let mut parts = Vec::with_capacity(runs.len());
-        let mut identity = true;
-        for run in &runs {
+        let identity = runs
+            .iter()
+            .all(|run| run[run.len() - 1] - run[0] + 1 == run.len() as u64);
+        let read_run = |run: &&[u64]| -> Result<(u64, ArrayRef)> {
             let (first, last) = (run[0], run[run.len() - 1]);
-            let start: Vec<u64> = if info.shape.len() == 2 {
-                vec![first, c0]
+            let (start, count) = if info.shape.len() == 2 {
+                (vec![first, c0], vec![last - first + 1, span])
             } else {
-                vec![first]
+                (vec![first], vec![last - first + 1])
             };
-            let count: Vec<u64> = if info.shape.len() == 2 {
-                vec![last - first + 1, span]
-            } else {
-                vec![last - first + 1]
-            };
-            if last - first + 1 != run.len() as u64 {
-                identity = false;
-            }
-            parts.push((first, self.store.read(path, &start, &count)?));
-        }
+            Ok((first, self.store.read(path, &start, &count)?))
+        };
+        // zarr decodes chunks on every core; libhdf5 would only queue on its lock.
+        let parts: Vec<(u64, ArrayRef)> = if self.store.parallel_reads() && runs.len() > 1 {
+            use rayon::prelude::*;
+            runs.par_iter().map(read_run).collect::<Result<_>>()?
+        } else {
+            runs.iter().map(read_run).collect::<Result<_>>()?
+        };
         let cols_identity = match &self.cols {
             None => true,
             Some(cols) => {
@@ -434,14 +434,21 @@ impl MatrixSource {
                 _ => ranges.push((a, b)),
             }
         }
-        let mut idx_parts = Vec::with_capacity(ranges.len());
-        let mut data_parts = Vec::with_capacity(ranges.len());
-        for &(a, b) in &ranges {
-            if b > a {
-                idx_parts.push(self.store.read(&sparse.indices, &[a], &[b - a])?);
-                data_parts.push(self.store.read(&sparse.data, &[a], &[b - a])?);
-            }
-        }
+        let read_range = |&(a, b): &(u64, u64)| -> Result<(ArrayRef, ArrayRef)> {
+            Ok((
+                self.store.read(&sparse.indices, &[a], &[b - a])?,
+                self.store.read(&sparse.data, &[a], &[b - a])?,
+            ))
+        };
+        let nonempty: Vec<(u64, u64)> = ranges.iter().copied().filter(|(a, b)| b > a).collect();
+        let parts: Vec<(ArrayRef, ArrayRef)> = if self.store.parallel_reads() && nonempty.len() > 1
+        {
+            use rayon::prelude::*;
+            nonempty.par_iter().map(read_range).collect::<Result<_>>()?
+        } else {
+            nonempty.iter().map(read_range).collect::<Result<_>>()?
+        };
+        let (idx_parts, data_parts): (Vec<ArrayRef>, Vec<ArrayRef>) = parts.into_iter().unzip();
         let indices = concat_or_empty(&idx_parts, &DataType::Int64)
             .and_then(|a| cast(&a, &DataType::Int64).map_err(|e| e.to_string()))
             .map_err(|e| self.fail(e))?;

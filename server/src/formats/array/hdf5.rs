@@ -247,6 +247,10 @@ impl ArrayStore for Hdf5Store {
         )))
     }
 
+    fn parallel_reads(&self) -> bool {
+        false
+    }
+
     fn memo(&self) -> &Memo {
         &self.memo
     }

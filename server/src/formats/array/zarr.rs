@@ -272,6 +272,10 @@ impl ArrayStore for ZarrStore {
         Some(super::files_fingerprint(files.iter().map(|p| p.as_path())))
     }
 
+    fn parallel_reads(&self) -> bool {
+        true
+    }
+
     fn memo(&self) -> &Memo {
         &self.memo
     }
