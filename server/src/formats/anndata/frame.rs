@@ -37,6 +37,12 @@ enum Source {
         path: String,
         info: ArrayInfo,
     },
+    /// The names: read whole once per open store, then sliced, because every matrix request
+    /// needs the names of its scattered rows.
+    Index {
+        path: String,
+        info: ArrayInfo,
+    },
     Categorical {
         codes: String,
         info: ArrayInfo,
@@ -112,7 +118,10 @@ impl Frame {
                 index.field.data_type().clone(),
                 false,
             )),
-            source: index.source,
+            source: match index.source {
+                Source::Plain { path, info } => Source::Index { path, info },
+                other => other,
+            },
         });
         let mut n_rows = None;
         for name in &order {
@@ -122,6 +131,7 @@ impl Frame {
         for col in &columns {
             let len = match &col.source {
                 Source::Plain { info, .. }
+                | Source::Index { info, .. }
                 | Source::Categorical { info, .. }
                 | Source::Nullable { info, .. } => info.shape.first().copied().unwrap_or(0),
                 Source::RowIndex => continue,
@@ -309,6 +319,12 @@ impl Frame {
         match &col.source {
             Source::RowIndex => Ok(Arc::new(UInt64Array::from_iter_values(rows))),
             Source::Plain { path, info } => self.store.read_rows(path, info, rows),
+            Source::Index { path, .. } => {
+                let all = self.store.read_all_kept(path)?;
+                let end = (rows.end as usize).min(all.len());
+                let start = (rows.start as usize).min(end);
+                Ok(all.slice(start, end - start))
+            }
             Source::Nullable { values, mask, info } => {
                 let data = self.store.read_rows(values, info, rows.clone())?;
                 let mask_info = self.store.array(mask)?;
