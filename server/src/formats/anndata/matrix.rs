@@ -38,6 +38,7 @@ pub(crate) enum Storage {
 pub(crate) struct Sparse {
     data: String,
     indices: String,
+    indices_dtype: Dtype,
     data_info: ArrayInfo,
     /// `indptr`, read once.
     indptr: Arc<Vec<i64>>,
@@ -117,6 +118,15 @@ impl Storage {
                 let indices = join(path, "indices");
                 let data_info = store.array(&data)?;
                 let indices_info = store.array(&indices)?;
+                if !matches!(indices_info.dtype, Dtype::Int32 | Dtype::Int64) {
+                    return Err(data_loss(
+                        location,
+                        format!(
+                            "'{path}/indices' is {}, not int32 or int64",
+                            indices_info.dtype.numpy()
+                        ),
+                    ));
+                }
                 let indptr = store.read_all_kept(&join(path, "indptr"))?;
                 let indptr = cast(&indptr, &DataType::Int64)
                     .map_err(|e| data_loss(location, format!("'{path}/indptr': {e}")))?;
@@ -141,6 +151,7 @@ impl Storage {
                     Storage::Sparse(Sparse {
                         data,
                         indices,
+                        indices_dtype: indices_info.dtype,
                         data_info,
                         indptr: Arc::new(indptr),
                         csc,
@@ -449,10 +460,9 @@ impl MatrixSource {
             nonempty.iter().map(read_range).collect::<Result<_>>()?
         };
         let (idx_parts, data_parts): (Vec<ArrayRef>, Vec<ArrayRef>) = parts.into_iter().unzip();
-        let indices = concat_or_empty(&idx_parts, &DataType::Int64)
-            .and_then(|a| cast(&a, &DataType::Int64).map_err(|e| e.to_string()))
-            .map_err(|e| self.fail(e))?;
-        let indices = indices.as_primitive::<Int64Type>().values();
+        let index_type = sparse.indices_dtype.arrow();
+        let indices = concat_or_empty(&idx_parts, &index_type).map_err(|e| self.fail(e))?;
+        let indices = Ints::of(&indices).ok_or_else(|| self.fail("indices are not integers"))?;
         let data = concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
         // Position of each range's first element in the concatenated arrays.
         let mut bases = Vec::with_capacity(ranges.len());
@@ -477,7 +487,7 @@ impl MatrixSource {
             row_entries.clear();
             for k in a..b {
                 let pos = base + (k - range_start);
-                let col = *indices
+                let col = indices
                     .get(pos as usize)
                     .ok_or_else(|| self.fail("indices out of range"))?;
                 let new = match &map {
@@ -572,14 +582,13 @@ impl MatrixSource {
             }
             if b > a {
                 let idx = self.store.read(&sparse.indices, &[a], &[b - a])?;
-                let idx = cast(&idx, &DataType::Int64).map_err(|e| self.fail(e))?;
-                let idx = idx.as_primitive::<Int64Type>().values();
+                let idx = Ints::of(&idx).ok_or_else(|| self.fail("indices are not integers"))?;
                 let data = self.store.read(&sparse.data, &[a], &[b - a])?;
                 let mut keep: Vec<u64> = Vec::new();
                 for &(new_col, col) in &order[i..j] {
                     let (ca, cb) = self.extent_csc(sparse, col)?;
                     for k in ca..cb {
-                        let row = *idx
+                        let row = idx
                             .get((k - a) as usize)
                             .ok_or_else(|| self.fail("indices out of range"))?;
                         let new_row = *row_map
@@ -674,6 +683,31 @@ impl MatrixSource {
                 let block = self.sparse_rows(range)?;
                 densify(&block, n, self.n_cols, &self.dtype.arrow()).map_err(|e| self.fail(e))
             }
+        }
+    }
+}
+
+/// Sparse indices as stored (int32 or int64), read without widening them.
+enum Ints<'a> {
+    I32(&'a [i32]),
+    I64(&'a [i64]),
+}
+
+impl<'a> Ints<'a> {
+    fn of(array: &'a ArrayRef) -> Option<Self> {
+        match array.data_type() {
+            DataType::Int32 => Some(Ints::I32(
+                array.as_primitive::<arrow::datatypes::Int32Type>().values(),
+            )),
+            DataType::Int64 => Some(Ints::I64(array.as_primitive::<Int64Type>().values())),
+            _ => None,
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<i64> {
+        match self {
+            Ints::I32(v) => v.get(i).map(|&x| i64::from(x)),
+            Ints::I64(v) => v.get(i).copied(),
         }
     }
 }
