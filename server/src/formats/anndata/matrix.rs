@@ -354,12 +354,12 @@ impl MatrixSource {
         };
         let span = c1 - c0;
         // Rows closer than this are read together: for a chunked array, anything in the same
-        // chunk; for a contiguous one, gaps of up to 256 KiB.
+        // chunk; for a contiguous one, gaps of up to 64 KiB (cheaper than another read call).
         let row_bytes = (span * self.dtype.width()).max(1);
         let chunk = info.chunks.as_ref().and_then(|c| c.first().copied());
         let runs = coalesce(rows, |a, b| match chunk {
             Some(c) => a / c == b / c,
-            None => (b - a) * row_bytes <= 256 << 10,
+            None => (b - a) * row_bytes <= 64 << 10,
         });
         let identity = runs
             .iter()

@@ -36,7 +36,7 @@ use matrix::{MatrixSource, Output, Storage};
 /// Rows per record batch of a dataframe.
 const FRAME_BLOCK_ROWS: usize = 64 * 1024;
 /// Bytes of a matrix selection per endpoint, above which it splits into several.
-const ENDPOINT_BYTES: u64 = 16 << 20;
+const ENDPOINT_BYTES: u64 = 4 << 20;
 
 /// AnnData, SpatialData and generic HDF5/zarr artifacts.
 pub struct AnnData;

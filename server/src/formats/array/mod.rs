@@ -96,12 +96,13 @@ pub(crate) struct ArrayInfo {
 }
 
 impl ArrayInfo {
-    /// Rows per chunk along the first dimension (a contiguous array is one chunk).
+    /// Rows per chunk along the first dimension; 1 for a contiguous HDF5 dataset, which reads
+    /// any row range equally well.
     pub(crate) fn row_chunk(&self) -> u64 {
         self.chunks
             .as_ref()
             .and_then(|c| c.first().copied())
-            .unwrap_or_else(|| self.shape.first().copied().unwrap_or(1))
+            .unwrap_or(1)
             .max(1)
     }
 
