@@ -31,6 +31,7 @@ def test_docs_predicate_on_demo_anndata(client, key):
     assert table.column("obs_names").to_pylist() == adata.obs_names[mask].tolist()
     x = table.column("X").combine_chunks().flatten().to_numpy().reshape(-1, 765)
     np.testing.assert_array_equal(x, np.asarray(adata[mask].X))
+    assert info.total_records == 35
     meta = json.loads(info.app_metadata)
     assert meta["shape"] == [70, 765] and meta["otype"] == "AnnData"
     assert meta["obsm"] == ["X_pca", "X_umap"] and meta["obsp"] == ["connectivities", "distances"]

@@ -413,6 +413,14 @@ fn build_store(url: &Url) -> Result<Arc<dyn ObjectStore>> {
     Ok(store)
 }
 
+/// Whether the URL names a zarr store (a folder whose name ends in `.zarr`).
+fn is_zarr(url: &Url) -> bool {
+    url.path()
+        .trim_end_matches('/')
+        .to_ascii_lowercase()
+        .ends_with(".zarr")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

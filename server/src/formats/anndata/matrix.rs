@@ -51,10 +51,31 @@ impl Sparse {
     }
 }
 
-impl Storage {
+/// A matrix element as stored: its storage, shape and value type.
+#[derive(Debug, Clone)]
+pub(crate) struct Matrix {
+    pub storage: Storage,
+    pub shape: [u64; 2],
+    pub dtype: Dtype,
+}
+
+/// The rows and columns a request selects from a matrix.
+#[derive(Debug, Clone)]
+pub(crate) struct Selection {
+    /// Row positions, ascending.
+    pub rows: Vec<u64>,
+    /// The selected rows' index columns (names, obs columns sent along), in row order.
+    pub index: RecordBatch,
+    /// Column positions in output order; `None` for every column.
+    pub cols: Option<Vec<u64>>,
+    /// The selected columns' names, for the wide layout and the schema metadata.
+    pub col_names: Option<Vec<String>>,
+}
+
+impl Matrix {
     /// Opens the matrix at `path`: a 2-D array, or a sparse group. Anything else is refused,
     /// naming the element.
-    pub(crate) fn open(store: &dyn ArrayStore, path: &str) -> Result<(Self, [u64; 2], Dtype)> {
+    pub(crate) fn open(store: &dyn ArrayStore, path: &str) -> Result<Self> {
         let location = store.location();
         match store.node(path)? {
             None => Err(Error::not_found(format!(
@@ -78,14 +99,14 @@ impl Storage {
                         "element '{path}' in {location} is a string array, not a matrix"
                     )));
                 }
-                Ok((
-                    Storage::Dense {
+                Ok(Matrix {
+                    storage: Storage::Dense {
                         path: path.to_string(),
                         info,
                     },
-                    [rows, cols],
+                    shape: [rows, cols],
                     dtype,
-                ))
+                })
             }
             Some(Node::Group) => {
                 let attrs = store.attrs(path)?;
@@ -147,8 +168,8 @@ impl Storage {
                     ));
                 }
                 let dtype = data_info.dtype;
-                Ok((
-                    Storage::Sparse(Sparse {
+                Ok(Matrix {
+                    storage: Storage::Sparse(Sparse {
                         data,
                         indices,
                         indices_dtype: indices_info.dtype,
@@ -156,13 +177,15 @@ impl Storage {
                         indptr: Arc::new(indptr),
                         csc,
                     }),
-                    [*rows, *cols],
+                    shape: [*rows, *cols],
                     dtype,
-                ))
+                })
             }
         }
     }
+}
 
+impl Storage {
     /// Rows per storage chunk, where partitions should split.
     pub(crate) fn row_chunk(&self) -> u64 {
         match self {
@@ -214,19 +237,24 @@ struct SparseBlock {
 }
 
 impl MatrixSource {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         store: Arc<dyn ArrayStore>,
         element: &str,
-        storage: Storage,
-        shape: [u64; 2],
-        dtype: Dtype,
-        rows: Vec<u64>,
-        index: RecordBatch,
-        cols: Option<Vec<u64>>,
-        col_names: Option<Vec<String>>,
+        matrix: Matrix,
+        selection: Selection,
         output: Output,
     ) -> Result<Self> {
+        let Matrix {
+            storage,
+            shape,
+            dtype,
+        } = matrix;
+        let Selection {
+            rows,
+            index,
+            cols,
+            col_names,
+        } = selection;
         let n_cols = cols.as_ref().map(|c| c.len() as u64).unwrap_or(shape[1]);
         let value = dtype.arrow();
         let mut fields: Vec<Field> = index

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::query::{apply_filter, select_columns};
 use crate::storage::Located;
 use frame::{Frame, ROW_INDEX};
-use matrix::{MatrixSource, Output, Storage};
+use matrix::{Matrix, MatrixSource, Output, Selection, Storage};
 
 /// Rows per record batch of a dataframe.
 const FRAME_BLOCK_ROWS: usize = 64 * 1024;
@@ -284,16 +284,12 @@ impl Element<'_> {
                     return Err(Error::invalid(format!("'layout' does not apply to {kind}")));
                 }
                 let (rows, index) = if by_var {
-                    let (cols, names) = self.select_vars().await?;
-                    (cols, names)
+                    self.select_vars().await?
                 } else {
                     self.select_obs().await?
                 };
-                let store = Arc::clone(&self.store);
-                let p = path.clone();
-                let (storage, shape, dtype) =
-                    blocking(move || Storage::open(store.as_ref(), &p)).await?;
-                let expected = self.axis_len(by_var).await?;
+                let matrix = self.open_matrix(&path).await?;
+                let (shape, expected) = (matrix.shape, self.axis_len(by_var).await?);
                 if shape[0] != expected || (pairs && shape[1] != expected) {
                     return Err(array::data_loss(
                         self.store.location(),
@@ -302,15 +298,18 @@ impl Element<'_> {
                         ),
                     ));
                 }
-                let cols = if pairs { Some(rows.clone()) } else { None };
+                let selection = Selection {
+                    cols: pairs.then(|| rows.clone()),
+                    rows,
+                    index,
+                    col_names: None,
+                };
                 let output = if pairs {
                     Output::Pairs
                 } else {
                     Output::Embedding
                 };
-                self.matrix_table(
-                    &path, storage, shape, dtype, rows, index, cols, None, output,
-                )
+                self.matrix_table(&path, matrix, selection, output)
             }
             ["uns", ..] => Err(Error::invalid(
                 "uns is not a table: it is part of the 'describe' action's answer",
@@ -446,11 +445,16 @@ impl Element<'_> {
         Ok((positions, index))
     }
 
+    async fn open_matrix(&self, path: &str) -> Result<Matrix> {
+        let store = Arc::clone(&self.store);
+        let path = path.to_string();
+        blocking(move || Matrix::open(store.as_ref(), &path)).await
+    }
+
     /// X or a layer.
     async fn matrix(&self, path: &str, name: &str) -> Result<Arc<dyn TableProvider>> {
-        let store = Arc::clone(&self.store);
-        let p = path.to_string();
-        let (storage, shape, dtype) = blocking(move || Storage::open(store.as_ref(), &p)).await?;
+        let matrix = self.open_matrix(path).await?;
+        let shape = matrix.shape;
         let (rows, index) = self.select_obs().await?;
         let n_obs = self.axis_len(false).await?;
         if shape[0] != n_obs {
@@ -481,55 +485,33 @@ impl Element<'_> {
                 ),
             ));
         }
-        let layout = self.request.layout.unwrap_or(match storage {
+        let layout = self.request.layout.unwrap_or(match matrix.storage {
             Storage::Dense { .. } => Layout::Dense,
             Storage::Sparse(_) => Layout::Sparse,
         });
-        let cols = selects_vars.then_some(vars);
+        let selection = Selection {
+            rows,
+            index,
+            cols: selects_vars.then_some(vars),
+            col_names: Some(names),
+        };
         let output = Output::Matrix {
             layout,
             name: name.to_string(),
         };
-        self.matrix_table(
-            path,
-            storage,
-            shape,
-            dtype,
-            rows,
-            index,
-            cols,
-            Some(names),
-            output,
-        )
+        self.matrix_table(path, matrix, selection, output)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn matrix_table(
         &self,
         path: &str,
-        storage: Storage,
-        shape: [u64; 2],
-        dtype: array::Dtype,
-        rows: Vec<u64>,
-        index: RecordBatch,
-        cols: Option<Vec<u64>>,
-        col_names: Option<Vec<String>>,
+        matrix: Matrix,
+        selection: Selection,
         output: Output,
     ) -> Result<Arc<dyn TableProvider>> {
-        let chunk = storage.row_chunk();
-        let csc = matches!(&storage, Storage::Sparse(s) if s.is_csc());
-        let source = MatrixSource::new(
-            Arc::clone(&self.store),
-            path,
-            storage,
-            shape,
-            dtype,
-            rows,
-            index,
-            cols,
-            col_names,
-            output,
-        )?;
+        let chunk = matrix.storage.row_chunk();
+        let csc = matches!(&matrix.storage, Storage::Sparse(s) if s.is_csc());
+        let source = MatrixSource::new(Arc::clone(&self.store), path, matrix, selection, output)?;
         let target = self.ctx.state().config().target_partitions();
         let max_parts = if csc {
             1

@@ -64,6 +64,23 @@ impl Hdf5Store {
             .map_err(|e| data_loss(&self.location, format!("group '{path}': {e}")))
     }
 
+    /// A dataset's HDF5 type and the element type it is served as.
+    fn dtype(&self, path: &str, ds: &Dataset) -> Result<(TypeDescriptor, Dtype)> {
+        let descriptor = ds
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .map_err(|e| data_loss(&self.location, format!("dataset '{path}': {e}")))?;
+        let dtype = dtype_of(&descriptor).ok_or_else(|| {
+            Error::invalid(format!(
+                "dataset '{path}' in {} has HDF5 type {descriptor}, which cannot be served \
+                 (compound datasets come from anndata < 0.7: re-save the file with current anndata, \
+                 `anndata.read_h5ad(path).write_h5ad(path)`)",
+                self.location
+            ))
+        })?;
+        Ok((descriptor, dtype))
+    }
+
     fn exists(&self, path: &str) -> bool {
         // `link_exists` on a nested path fails if an intermediate group is missing: walk it.
         let mut prefix = String::new();
@@ -127,18 +144,7 @@ impl ArrayStore for Hdf5Store {
             Err(e) => return Err(data_loss(&self.location, format!("'{path}': {e}"))),
         }
         let ds = self.dataset(path)?;
-        let descriptor = ds
-            .dtype()
-            .and_then(|t| t.to_descriptor())
-            .map_err(|e| data_loss(&self.location, format!("dataset '{path}': {e}")))?;
-        let dtype = dtype_of(&descriptor).ok_or_else(|| {
-            Error::invalid(format!(
-                "dataset '{path}' in {} has HDF5 type {descriptor}, which cannot be served \
-                 (compound datasets come from anndata < 0.7: re-save the file with current anndata, \
-                 `anndata.read_h5ad(path).write_h5ad(path)`)",
-                self.location
-            ))
-        })?;
+        let (_, dtype) = self.dtype(path, &ds)?;
         Ok(Some(Node::Array(ArrayInfo {
             shape: ds.shape().into_iter().map(|d| d as u64).collect(),
             dtype,
@@ -174,15 +180,7 @@ impl ArrayStore for Hdf5Store {
     fn read(&self, path: &str, start: &[u64], count: &[u64]) -> Result<ArrayRef> {
         let path = path.trim_matches('/');
         let ds = self.dataset(path)?;
-        let descriptor = ds
-            .dtype()
-            .and_then(|t| t.to_descriptor())
-            .map_err(|e| data_loss(&self.location, format!("dataset '{path}': {e}")))?;
-        let dtype = dtype_of(&descriptor).ok_or_else(|| {
-            Error::invalid(format!(
-                "dataset '{path}' has unsupported type {descriptor}"
-            ))
-        })?;
+        let (descriptor, dtype) = self.dtype(path, &ds)?;
         let selection = if start.is_empty() {
             Selection::All
         } else {
