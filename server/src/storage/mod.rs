@@ -463,11 +463,3 @@ mod tests {
         Ok(())
     }
 }
-
-/// Whether the URL names a zarr store (a folder whose name ends in `.zarr`).
-fn is_zarr(url: &Url) -> bool {
-    url.path()
-        .trim_end_matches('/')
-        .to_ascii_lowercase()
-        .ends_with(".zarr")
-}
