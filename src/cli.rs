@@ -562,6 +562,10 @@ fn print_preview(
             })
             .collect()
     };
+    let shown = shown
+        .iter()
+        .map(abbreviate)
+        .collect::<Result<Vec<_>, _>>()?;
     let table = if shown.is_empty() {
         arrow::util::pretty::pretty_format_batches(&[RecordBatch::new_empty(Arc::clone(schema))])?
     } else {
@@ -574,6 +578,33 @@ fn print_preview(
         None => println!("{count} rows shown"),
     }
     Ok(())
+}
+
+/// The longest cell a preview prints; a matrix row of thousands of values is cut, as anndata's
+/// repr cuts arrays.
+const PREVIEW_CELL: usize = 72;
+
+/// A batch with each cell rendered as text and long cells (matrix rows) cut short.
+fn abbreviate(batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+    use arrow::array::{ArrayRef, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::util::display::{ArrayFormatter, FormatOptions};
+    let options = FormatOptions::default().with_null("null");
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let formatter = ArrayFormatter::try_new(column.as_ref(), &options)?;
+        let cells = (0..column.len()).map(|i| {
+            let text = formatter.value(i).to_string();
+            match text.char_indices().nth(PREVIEW_CELL) {
+                Some((cut, _)) => format!("{} …", &text[..cut]),
+                None => text,
+            }
+        });
+        columns.push(Arc::new(StringArray::from_iter_values(cells)));
+        fields.push(Field::new(field.name(), DataType::Utf8, true));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
 }
 
 /// Output files by extension.

@@ -124,6 +124,9 @@ def test_show_prints_the_anndata_repr(server, generic_files):
     assert "SpatialData object" in shown and "table 'table': AnnData object with n_obs × n_vars = " in shown
     shown = cli(server, "show", "generic.h5").stdout
     assert "matrix  shape=[1000,3] dtype=float64 chunks=[100,3]" in shown
+    # A preview of X cuts each matrix row short instead of printing 765 values.
+    got = cli(server, "--server", server.url, "get", "pbmc68k.h5ad", "--element", "X", "--filter", DOCS_PREDICATE).stdout
+    assert " …" in got and "rows shown" in got and max(len(line) for line in got.splitlines()) < 200
 
 
 def snapshot(path):
