@@ -207,6 +207,12 @@ def test_var_selection_keeps_given_order(client, files, variant):
     want = dense(adata[10:50, names].X)
     np.testing.assert_array_equal(table.column("X").combine_chunks().flatten().to_numpy().reshape(-1, 3), want)
     assert json.loads(table.schema.metadata[b"artiflight:var_names"]) == names
+    # The var element in the same order, as adata.var.loc[names].
+    _, var = read(client, key=key, element=["var"], var_names=names)
+    assert var.column("var_names").to_pylist() == names
+    np.testing.assert_array_equal(var.column("means").to_numpy(), adata.var.loc[names, "means"].to_numpy())
+    _, var = read(client, key=key, element=["var"], var_filter="highly_variable", columns=["var_names"])
+    assert var.column("var_names").to_pylist() == adata.var_names[adata.var.highly_variable.to_numpy()].tolist()
     # Sparse layout of the same selection: indices are positions in the selected vars.
     _, table = read(client, key=key, element=["X"], var_names=names, obs_range=[10, 50], layout="sparse")
     csr = sp.csr_matrix(

@@ -21,11 +21,11 @@ use arrow::compute::concat_batches;
 use arrow::datatypes::{Schema, UInt64Type};
 use async_trait::async_trait;
 use datafusion::catalog::TableProvider;
-use datafusion::datasource::ViewTable;
+use datafusion::datasource::{MemTable, ViewTable};
 use datafusion::prelude::SessionContext;
 
 use super::array::{self, ArrayStore};
-use super::blocks::{BlockTable, split, split_range};
+use super::blocks::{BlockSource, BlockTable, split, split_range};
 use super::{Format, Inspection, Layout, Opened, Request};
 use crate::error::{Error, Result};
 use crate::query::{apply_filter, select_columns};
@@ -245,27 +245,27 @@ impl Element<'_> {
                 } else {
                     ("obs", "obs_names")
                 };
-                let frame = self.frame(path, index, false).await?;
-                let frame = match (is_var, request.obs_range) {
-                    (false, Some([a, b])) => frame.restrict(a..b),
-                    _ => frame,
-                };
-                let parts = frame.len().div_ceil(1 << 20).max(1);
-                let table = frame_table(frame, parts);
-                let mut df = self.ctx.read_table(table)?;
-                if is_var {
-                    if let Some(names) = &request.var_names {
-                        let list = names
+                let mut df =
+                    if is_var && (request.var_names.is_some() || request.var_filter.is_some()) {
+                        // The selected variables, in the order `var_names` gives them.
+                        let frame = self.frame(path, index, false).await?;
+                        let columns = BlockSource::schema(&frame)
+                            .fields()
                             .iter()
-                            .map(|n| format!("'{}'", n.replace('\'', "''")))
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        df = apply_filter(self.ctx, df, &format!("var_names IN ({list})"))?;
-                    }
-                    if let Some(filter) = &request.var_filter {
-                        df = apply_filter(self.ctx, df, filter)?;
-                    }
-                }
+                            .map(|f| f.name().clone())
+                            .collect();
+                        let (_, batch) = self.select_vars_with(columns).await?;
+                        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+                        self.ctx.read_table(Arc::new(table))?
+                    } else {
+                        let frame = self.frame(path, index, false).await?;
+                        let frame = match (is_var, request.obs_range) {
+                            (false, Some([a, b])) => frame.restrict(a..b),
+                            _ => frame,
+                        };
+                        let parts = frame.len().div_ceil(1 << 20).max(1);
+                        self.ctx.read_table(frame_table(frame, parts))?
+                    };
                 if let Some(filter) = &request.filter {
                     df = apply_filter(self.ctx, df, filter)?;
                 }
@@ -354,13 +354,14 @@ impl Element<'_> {
     /// Variables the request selects (`var_filter`, then `var_names` in the order given), with
     /// their names.
     async fn select_vars(&self) -> Result<(Vec<u64>, RecordBatch)> {
+        self.select_vars_with(vec!["var_names".into()]).await
+    }
+
+    /// [`Self::select_vars`], with `columns` of var (the first being `var_names`) for each.
+    async fn select_vars_with(&self, columns: Vec<String>) -> Result<(Vec<u64>, RecordBatch)> {
         let frame = self.frame("var", "var_names", true).await?;
         let (mut positions, mut index) = self
-            .select(
-                frame,
-                self.request.var_filter.as_deref(),
-                vec!["var_names".into()],
-            )
+            .select(frame, self.request.var_filter.as_deref(), columns)
             .await?;
         if let Some(names) = &self.request.var_names {
             let column = index.column(0);
