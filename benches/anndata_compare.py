@@ -129,6 +129,36 @@ def anndata_backed(path: pathlib.Path, kind: str):
     return time.perf_counter() - start, x
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The server's peak resident memory so far (VmHWM), in MB."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def full_stream(url: str, key: str) -> tuple[float, int, int]:
+    """Streams all of X, every endpoint in parallel, keeping no batch: seconds, rows, bytes."""
+    client = flight.connect(url)
+    start = time.perf_counter()
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps({"key": key, "element": ["X"]})))
+    counts = [(0, 0)] * len(info.endpoints)
+
+    def fetch(i, endpoint):
+        rows = nbytes = 0
+        for chunk in flight.connect(url).do_get(endpoint.ticket):
+            rows += chunk.data.num_rows
+            nbytes += chunk.data.nbytes
+        counts[i] = (rows, nbytes)
+
+    threads = [threading.Thread(target=fetch, args=(i, e)) for i, e in enumerate(info.endpoints)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
 def best(fn, repeat):
     runs = [fn() for _ in range(repeat)]
     return min(runs, key=lambda r: r[0])
@@ -171,6 +201,13 @@ def main():
             t_ours = best(lambda: artiflight(url, key, kind, args.n_vars), args.repeat)[0]
             t_theirs = best(lambda: anndata_backed(path, kind), args.repeat)[0]
             rows.append((kind, fmt, n, t_ours, t_theirs))
+        # A full dense X, larger than any batch the server may hold: its peak memory stays small.
+        before = peak_rss_mb(proc.pid)
+        streams = []
+        for fmt in ["h5ad", "zarr"]:
+            secs, n_rows, nbytes = full_stream(url, f"bench-dense.{fmt}")
+            assert n_rows == args.n_obs, (fmt, n_rows)
+            streams.append((fmt, secs, nbytes, peak_rss_mb(proc.pid)))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -181,6 +218,10 @@ def main():
     for kind, fmt, n, ours, theirs in rows:
         target = 0.5 if kind == "dense" else 1.0
         print(f"{kind:<6} {fmt:<5} {n:>6} {ours:>13.3f} {theirs:>10.3f} {ours / theirs:>7.2f} {target:>7.1f}")
+    print(f"\nfull dense X streamed (all endpoints in parallel); server peak RSS {before:.0f} MB before")
+    print(f"{'file':<5} {'seconds':>8} {'GB':>6} {'GB/s':>6} {'server peak RSS MB':>19}")
+    for fmt, secs, nbytes, peak in streams:
+        print(f"{fmt:<5} {secs:>8.2f} {nbytes / 1e9:>6.2f} {nbytes / secs / 1e9:>6.2f} {peak:>19.0f}")
 
 
 if __name__ == "__main__":

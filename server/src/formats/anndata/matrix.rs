@@ -38,7 +38,6 @@ pub(crate) enum Storage {
 pub(crate) struct Sparse {
     data: String,
     indices: String,
-    indices_dtype: Dtype,
     data_info: ArrayInfo,
     /// `indptr`, read once.
     indptr: Arc<Vec<i64>>,
@@ -172,7 +171,6 @@ impl Matrix {
                     storage: Storage::Sparse(Sparse {
                         data,
                         indices,
-                        indices_dtype: indices_info.dtype,
                         data_info,
                         indptr: Arc::new(indptr),
                         csc,
@@ -449,110 +447,115 @@ impl MatrixSource {
     }
 
     /// Reads the selected rows of a CSR matrix, columns remapped to selection positions.
+    ///
+    /// Rows whose extents are close in the data arrays (in the same chunk, or a small gap apart)
+    /// are read as one range, up to [`MAX_RANGE`] elements; each range is read and its rows'
+    /// entries gathered at once (ranges in parallel where the store gains from it), so only the
+    /// selected entries outlive the read.
     fn read_csr(&self, sparse: &Sparse, rows: &[u64]) -> Result<SparseBlock> {
-        let indptr = &sparse.indptr;
-        let extent = |r: u64| -> Result<(u64, u64)> {
-            let r = r as usize;
-            match (indptr.get(r), indptr.get(r + 1)) {
-                (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
-                _ => Err(self.fail(format!("row {r} is outside indptr"))),
-            }
-        };
-        // Coalesce row extents that are close in the data arrays into one read.
+        let extents: Vec<(u64, u64)> = rows
+            .iter()
+            .map(|&r| {
+                match (
+                    sparse.indptr.get(r as usize),
+                    sparse.indptr.get(r as usize + 1),
+                ) {
+                    (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
+                    _ => Err(self.fail(format!("row {r} is outside indptr"))),
+                }
+            })
+            .collect::<Result<_>>()?;
         let data_chunk = sparse
             .data_info
             .chunks
             .as_ref()
             .and_then(|c| c.first().copied());
-        let gap_elems = data_chunk.unwrap_or((64 << 10) / self.dtype.width().max(1));
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for &r in rows {
-            let (a, b) = extent(r)?;
+        let gap = data_chunk.unwrap_or((64 << 10) / self.dtype.width().max(1));
+        // (first element, end element, the rows it covers as positions in `rows`).
+        let mut ranges: Vec<(u64, u64, Range<usize>)> = Vec::new();
+        for (i, &(a, b)) in extents.iter().enumerate() {
             match ranges.last_mut() {
-                Some(last) if a <= last.1 + gap_elems => last.1 = last.1.max(b),
-                _ => ranges.push((a, b)),
+                Some(last) if a <= last.1 + gap && b.saturating_sub(last.0) <= MAX_RANGE => {
+                    last.1 = last.1.max(b);
+                    last.2.end = i + 1;
+                }
+                _ => ranges.push((a, b, i..i + 1)),
             }
-        }
-        let read_range = |&(a, b): &(u64, u64)| -> Result<(ArrayRef, ArrayRef)> {
-            Ok((
-                self.store.read(&sparse.indices, &[a], &[b - a])?,
-                self.store.read(&sparse.data, &[a], &[b - a])?,
-            ))
-        };
-        let nonempty: Vec<(u64, u64)> = ranges.iter().copied().filter(|(a, b)| b > a).collect();
-        let parts: Vec<(ArrayRef, ArrayRef)> = if self.store.parallel_reads() && nonempty.len() > 1
-        {
-            use rayon::prelude::*;
-            nonempty.par_iter().map(read_range).collect::<Result<_>>()?
-        } else {
-            nonempty.iter().map(read_range).collect::<Result<_>>()?
-        };
-        let (idx_parts, data_parts): (Vec<ArrayRef>, Vec<ArrayRef>) = parts.into_iter().unzip();
-        let index_type = sparse.indices_dtype.arrow();
-        let indices = concat_or_empty(&idx_parts, &index_type).map_err(|e| self.fail(e))?;
-        let indices = Ints::of(&indices).ok_or_else(|| self.fail("indices are not integers"))?;
-        let data = concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
-        // Position of each range's first element in the concatenated arrays.
-        let mut bases = Vec::with_capacity(ranges.len());
-        let mut acc = 0u64;
-        for &(a, b) in &ranges {
-            bases.push((a, acc));
-            acc += b - a;
         }
         let map = self.col_map(self.shape[1])?;
+        let gather = |(a, b, covered): &(u64, u64, Range<usize>)| -> Result<Piece> {
+            let mut piece = Piece::default();
+            if b == a {
+                piece.counts = vec![0; covered.len()];
+                piece.data = new_empty_array(&self.dtype.arrow());
+                return Ok(piece);
+            }
+            let indices = self.store.read(&sparse.indices, &[*a], &[b - a])?;
+            let data = self.store.read(&sparse.data, &[*a], &[b - a])?;
+            let indices =
+                Ints::of(&indices).ok_or_else(|| self.fail("indices are not integers"))?;
+            let mut take_idx: Vec<u64> = Vec::new();
+            let mut row_entries: Vec<(i32, u64)> = Vec::new();
+            for &(ra, rb) in &extents[covered.clone()] {
+                row_entries.clear();
+                for k in ra..rb {
+                    let pos = k - a;
+                    let col = indices
+                        .get(pos as usize)
+                        .ok_or_else(|| self.fail("indices out of range"))?;
+                    let new = match &map {
+                        None if col >= 0 && (col as u64) < self.n_cols => col as i32,
+                        None => return Err(self.fail(format!("column index {col} out of bounds"))),
+                        Some(map) => match map.get(col as usize) {
+                            Some(&n) if n >= 0 => n,
+                            Some(_) => continue,
+                            None => {
+                                return Err(self.fail(format!("column index {col} out of bounds")));
+                            }
+                        },
+                    };
+                    row_entries.push((new, pos));
+                }
+                if map.is_some() {
+                    row_entries.sort_unstable_by_key(|e| e.0);
+                }
+                piece.counts.push(row_entries.len());
+                for &(new, pos) in &row_entries {
+                    piece.indices.push(new);
+                    take_idx.push(pos);
+                }
+            }
+            let identity = take_idx.len() == data.len()
+                && take_idx.iter().enumerate().all(|(i, &p)| i as u64 == p);
+            piece.data = if identity {
+                data
+            } else {
+                take(&data, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))?
+            };
+            Ok(piece)
+        };
+        let pieces: Vec<Piece> = if self.store.parallel_reads() && ranges.len() > 1 {
+            use rayon::prelude::*;
+            ranges.par_iter().map(gather).collect::<Result<_>>()?
+        } else {
+            ranges.iter().map(gather).collect::<Result<_>>()?
+        };
         let mut offsets = Vec::with_capacity(rows.len() + 1);
         offsets.push(0i32);
-        let mut out_idx: Vec<i32> = Vec::new();
-        let mut take_idx: Vec<u64> = Vec::new();
-        let mut range_i = 0;
-        let mut row_entries: Vec<(i32, u64)> = Vec::new();
-        for &r in rows {
-            let (a, b) = extent(r)?;
-            while range_i + 1 < bases.len() && bases[range_i + 1].0 <= a {
-                range_i += 1;
+        let mut indices = Vec::new();
+        let mut total = 0usize;
+        for piece in &pieces {
+            for &count in &piece.counts {
+                total += count;
+                offsets.push(i32::try_from(total).map_err(|_| self.fail("block too large"))?);
             }
-            let (range_start, base) = bases.get(range_i).copied().unwrap_or((0, 0));
-            row_entries.clear();
-            for k in a..b {
-                let pos = base + (k - range_start);
-                let col = indices
-                    .get(pos as usize)
-                    .ok_or_else(|| self.fail("indices out of range"))?;
-                let new = match &map {
-                    None => {
-                        if col < 0 || col as u64 >= self.n_cols {
-                            return Err(self.fail(format!("column index {col} out of bounds")));
-                        }
-                        col as i32
-                    }
-                    Some(map) => match map.get(col as usize) {
-                        Some(&n) if n >= 0 => n,
-                        Some(_) => continue,
-                        None => return Err(self.fail(format!("column index {col} out of bounds"))),
-                    },
-                };
-                row_entries.push((new, pos));
-            }
-            if map.is_some() {
-                row_entries.sort_unstable_by_key(|e| e.0);
-            }
-            for &(new, pos) in &row_entries {
-                out_idx.push(new);
-                take_idx.push(pos);
-            }
-            let end = i32::try_from(out_idx.len()).map_err(|_| self.fail("block too large"))?;
-            offsets.push(end);
+            indices.extend_from_slice(&piece.indices);
         }
-        let identity = take_idx.len() == data.len()
-            && take_idx.iter().enumerate().all(|(i, &p)| i as u64 == p);
-        let data = if identity {
-            data
-        } else {
-            take(&data, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))?
-        };
+        let parts: Vec<ArrayRef> = pieces.into_iter().map(|p| p.data).collect();
+        let data = concat_or_empty(&parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
         Ok(SparseBlock {
             offsets,
-            indices: out_idx,
+            indices,
             data,
         })
     }
@@ -711,6 +714,28 @@ impl MatrixSource {
                 let block = self.sparse_rows(range)?;
                 densify(&block, n, self.n_cols, &self.dtype.arrow()).map_err(|e| self.fail(e))
             }
+        }
+    }
+}
+
+/// The most elements one sparse range read may span (indices and data each).
+const MAX_RANGE: u64 = 1 << 20;
+
+/// The entries of the rows one sparse range covers: per row a count, then the remapped column
+/// positions and the values.
+#[derive(Debug)]
+struct Piece {
+    counts: Vec<usize>,
+    indices: Vec<i32>,
+    data: ArrayRef,
+}
+
+impl Default for Piece {
+    fn default() -> Self {
+        Self {
+            counts: Vec::new(),
+            indices: Vec::new(),
+            data: new_empty_array(&DataType::Null),
         }
     }
 }
