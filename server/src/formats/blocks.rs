@@ -307,3 +307,46 @@ pub(crate) fn split_range(
     let per = blocks.len().div_ceil(parts);
     blocks.chunks(per).map(|c| c.to_vec()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row once, in order, across partitions.
+    fn flat(parts: &[Vec<Range<usize>>]) -> Vec<usize> {
+        parts.iter().flatten().flat_map(|r| r.clone()).collect()
+    }
+
+    #[test]
+    fn split_covers_rows_in_order_and_cuts_partitions_at_chunks() {
+        // Rows 0, 3, 6, ... of an array chunked by 10 rows.
+        let rows: Vec<u64> = (0..1000).map(|i| i * 3).collect();
+        for (block, parts) in [(1, 1), (7, 2), (50, 4), (5000, 8)] {
+            let split = split(&rows, block, parts, 10);
+            assert!(split.len() <= parts.max(1));
+            assert_eq!(flat(&split), (0..1000).collect::<Vec<_>>());
+            // A partition never starts inside a chunk that the previous one read.
+            for pair in split.windows(2) {
+                let last = pair[0].last().map(|r| rows[r.end - 1] / 10);
+                let first = pair[1].first().map(|r| rows[r.start] / 10);
+                assert_ne!(last, first, "block {block}, parts {parts}");
+            }
+            for blocks in &split {
+                assert!(blocks.iter().all(|r| r.len() <= block.max(1) * 4));
+            }
+        }
+        assert!(split(&[], 10, 4, 1).is_empty());
+    }
+
+    #[test]
+    fn split_range_rounds_blocks_to_whole_chunks() {
+        let parts = split_range(1000, 30, 3, 64);
+        assert_eq!(flat(&parts), (0..1000).collect::<Vec<_>>());
+        assert!(parts.len() <= 3);
+        for r in parts.iter().flatten() {
+            assert_eq!(r.start % 64, 0, "{r:?} starts mid-chunk");
+        }
+        assert_eq!(split_range(5, 100, 4, 1), vec![vec![0..5]]);
+        assert!(split_range(0, 10, 2, 1).is_empty());
+    }
+}

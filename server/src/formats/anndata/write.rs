@@ -459,3 +459,30 @@ fn collect_v3(root: &Path, dir: &Path, out: &mut Map<String, Value>) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_take_one_type_with_nulls() -> Result<()> {
+        let ints = json_values(&[json!(1), Value::Null, json!(3)])?;
+        assert_eq!(ints.data_type(), &DataType::Int64);
+        assert_eq!(ints.null_count(), 1);
+        assert_eq!(
+            json_values(&[json!(1), json!(2.5)])?.data_type(),
+            &DataType::Float64
+        );
+        assert_eq!(
+            json_values(&[json!(true), Value::Null])?.data_type(),
+            &DataType::Boolean
+        );
+        assert_eq!(
+            json_values(&[json!("a"), json!("b")])?.data_type(),
+            &DataType::Utf8
+        );
+        assert!(json_values(&[json!(1), json!("a")]).is_err());
+        assert!(json_values(&[json!([1])]).is_err());
+        Ok(())
+    }
+}
