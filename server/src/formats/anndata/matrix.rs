@@ -399,8 +399,9 @@ impl MatrixSource {
             };
             Ok((first, self.store.read(path, &start, &count)?))
         };
-        // zarr decodes chunks on every core; libhdf5 would only queue on its lock.
-        let parts: Vec<(u64, ArrayRef)> = if self.store.parallel_reads() && runs.len() > 1 {
+        // Runs are read on every core: zarr decodes chunks in parallel, and contiguous HDF5 is
+        // read with `pread` (other HDF5 reads queue on libhdf5's lock, which costs nothing more).
+        let parts: Vec<(u64, ArrayRef)> = if runs.len() > 1 {
             use rayon::prelude::*;
             runs.par_iter().map(read_run).collect::<Result<_>>()?
         } else {
@@ -534,7 +535,7 @@ impl MatrixSource {
             };
             Ok(piece)
         };
-        let pieces: Vec<Piece> = if self.store.parallel_reads() && ranges.len() > 1 {
+        let pieces: Vec<Piece> = if ranges.len() > 1 {
             use rayon::prelude::*;
             ranges.par_iter().map(gather).collect::<Result<_>>()?
         } else {

@@ -361,11 +361,6 @@ impl ArrayStore for Hdf5Store {
         )))
     }
 
-    fn parallel_reads(&self) -> bool {
-        // Contiguous numeric datasets are read with `pread`, outside libhdf5 and its lock.
-        true
-    }
-
     fn memo(&self) -> &Memo {
         &self.memo
     }

@@ -153,10 +153,6 @@ pub(crate) trait ArrayStore: Send + Sync + fmt::Debug {
     /// Small arrays read once and kept (sparse `indptr`, categories).
     fn memo(&self) -> &Memo;
 
-    /// Whether independent reads gain from running on several threads (zarr decodes chunks in
-    /// parallel; libhdf5 serialises every call).
-    fn parallel_reads(&self) -> bool;
-
     /// Changes when the store's metadata on disk changes; `None` if that cannot be told cheaply
     /// (remote stores), so the open store is not reused.
     fn fingerprint(&self) -> Option<u64>;

@@ -272,10 +272,6 @@ impl ArrayStore for ZarrStore {
         Some(super::files_fingerprint(files.iter().map(|p| p.as_path())))
     }
 
-    fn parallel_reads(&self) -> bool {
-        true
-    }
-
     fn memo(&self) -> &Memo {
         &self.memo
     }
