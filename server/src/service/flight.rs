@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::actions;
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
-use crate::formats::Request as OpenRequest;
+use crate::formats::{AnnData, Format, Request as OpenRequest};
 use crate::query::{Command, Planned, Resolved, TicketSpec};
 use crate::registry::Registry;
 
@@ -62,9 +62,8 @@ impl FlightHandler {
         let [record] = resolved.sources.as_slice() else {
             return None;
         };
-        if record.otype.is_none()
-            && !matches!(record.suffix.as_str(), ".h5ad" | ".zarr" | ".h5" | ".hdf5")
-        {
+        // Only the array format has a structure; asking it saves opening parquet listings.
+        if !AnnData.claims(&record.suffix) {
             return None;
         }
         self.registry
