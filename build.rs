@@ -33,9 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if rel.ends_with(".py") || rel.ends_with(".md") {
             continue;
         }
+        // Relative to the manifest at compile time, not this checkout's absolute path: a target
+        // directory shared between two checkouts may reuse this script's output.
         code.push_str(&format!(
-            "    ({rel:?}, include_bytes!({:?})),\n",
-            file.display().to_string()
+            "    ({rel:?}, include_bytes!(concat!(env!(\"CARGO_MANIFEST_DIR\"), {:?}))),\n",
+            format!("/demo/{rel}")
         ));
     }
     code.push_str("];\n");

@@ -15,3 +15,6 @@ include!(concat!(env!("OUT_DIR"), "/artiflight.v1.rs"));
 
 /// The ticket layout this build writes and reads.
 pub const TICKET_VERSION: u32 = 1;
+
+/// The [`SqlStatement`] layout this build writes and reads.
+pub const SQL_STATEMENT_VERSION: u32 = 1;

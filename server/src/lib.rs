@@ -90,7 +90,7 @@ impl Server {
     ) -> Result<()> {
         service::serve(
             listener,
-            FlightHandler::new(self.registry.clone()),
+            FlightHandler::new(self.registry.clone())?,
             shutdown,
         )
         .await

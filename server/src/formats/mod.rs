@@ -28,6 +28,9 @@ pub enum Layout {
     Dense,
     Sparse,
     Wide,
+    /// One row per entry: `obs_name`, `var_name`, `value`; nonzeros only for sparse storage. SQL
+    /// reads X this way, as `KEY/X`.
+    Long,
 }
 
 /// What to open: an element and the selection a command asks for.

@@ -4,9 +4,11 @@
 
 mod command;
 mod plan;
+mod sql;
 mod ticket;
 
 pub use command::{Command, Layout};
 pub use plan::{Planned, Planner, Resolved, session_config, statistics, unify_schemas};
 pub(crate) use plan::{apply_filter, select_columns};
+pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlTable, Statement, TABLE_TYPE};
 pub use ticket::TicketSpec;

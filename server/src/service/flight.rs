@@ -1,8 +1,10 @@
-//! The Arrow Flight service.
+//! The Arrow Flight service, and the router that sends Flight SQL messages to [`SqlService`].
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use arrow::datatypes::Schema;
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
@@ -15,27 +17,86 @@ use arrow_flight::{
 };
 use futures::stream::{self, BoxStream};
 use futures::{StreamExt, TryStreamExt};
+use prost::Message;
 use serde_json::json;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::actions;
+use super::cancel::Cancels;
+use super::sql::{self, SqlService, sql_message};
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
 use crate::formats::{AnnData, Format, Request as OpenRequest};
 use crate::query::{Command, Planned, Resolved, TicketSpec};
 use crate::registry::Registry;
 
-type FlightStream<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(super) type FlightStream<T> =
+    Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Flight's own actions that the server answers besides its JSON actions and Flight SQL's.
+const FLIGHT_ACTIONS: &[(&str, &str)] = &[
+    (
+        "CancelFlightInfo",
+        "Cancel a flight: its running streams end with CANCELLED and its tickets are refused",
+    ),
+    ("CloseSession", "Close the session (the server keeps none)"),
+    (
+        "SetSessionOptions",
+        "Accepted; the server keeps no session options",
+    ),
+    ("GetSessionOptions", "No session options are kept"),
+];
 
 /// The Flight service: one per server, cheap to clone.
 #[derive(Clone)]
 pub struct FlightHandler {
     registry: Registry,
+    sql: SqlService,
+    cancels: Arc<Cancels>,
+}
+
+/// Streams record batches as Flight data. Dictionaries are resent rather than hydrated, so that
+/// categoricals stay dictionaries and match the announced schema.
+pub(super) fn batches_to_flight(
+    schema: SchemaRef,
+    batches: BoxStream<'static, Result<RecordBatch, FlightError>>,
+) -> FlightStream<FlightData> {
+    FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .with_dictionary_handling(DictionaryHandling::Resend)
+        .build(batches)
+        .map_err(Status::from)
+        .boxed()
+}
+
+/// Streams one partition of a plan. Pull-based: tonic asks for the next message only when the
+/// client can take it, and dropping the response (a vanished client) drops the scan.
+pub(super) fn stream_partition(
+    planned: &Planned,
+    partition: usize,
+) -> Result<FlightStream<FlightData>> {
+    let batches = planned
+        .execute(partition)?
+        .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from_datafusion(e)))));
+    Ok(batches_to_flight(planned.schema(), batches.boxed()))
 }
 
 impl FlightHandler {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    pub fn new(registry: Registry) -> Result<Self> {
+        let cancels = Arc::new(Cancels::default());
+        Ok(Self {
+            sql: SqlService::new(registry.clone(), Arc::clone(&cancels))?,
+            registry,
+            cancels,
+        })
+    }
+
+    /// The Flight SQL command in a descriptor, if it holds one.
+    fn sql_command(descriptor: &FlightDescriptor) -> Option<arrow_flight::sql::Any> {
+        match DescriptorType::try_from(descriptor.r#type) {
+            Ok(DescriptorType::Cmd) => sql_message(&descriptor.cmd),
+            _ => None,
+        }
     }
 
     fn command(descriptor: &FlightDescriptor) -> Result<Command> {
@@ -152,7 +213,7 @@ impl FlightHandler {
         info.clone().try_with_schema(&schema).unwrap_or(info)
     }
 
-    async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<serde_json::Value> {
+    async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<PutBody> {
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -163,6 +224,10 @@ impl FlightHandler {
             .flight_descriptor
             .clone()
             .ok_or_else(|| Error::invalid("DoPut's first message carries no descriptor"))?;
+        if let Some(command) = Self::sql_command(&descriptor) {
+            let data = stream::once(async { Ok(first) }).chain(input.map_err(FlightError::from));
+            return self.put_sql(command, data.boxed()).await;
+        }
         let (key, add_column) = match (
             DescriptorType::try_from(descriptor.r#type),
             descriptor.path.as_slice(),
@@ -199,7 +264,7 @@ impl FlightHandler {
                 .registry
                 .add_column(&key, &command.element, &command.name, values)
                 .await?;
-            return Ok(Entry::Artifact(record).to_json());
+            return Ok(PutBody::Json(Entry::Artifact(record).to_json()));
         }
         let first_batch = batches.try_next().await.map_err(flight_input_error)?;
         let schema = match (&first_batch, batches.schema()) {
@@ -210,8 +275,48 @@ impl FlightHandler {
         let rest = batches.map_err(flight_input_error);
         let all = stream::iter(first_batch.map(Ok)).chain(rest);
         let (record, _) = self.registry.put(&key, None, schema, all.boxed()).await?;
-        Ok(Entry::Artifact(record).to_json())
+        Ok(PutBody::Json(Entry::Artifact(record).to_json()))
     }
+}
+
+impl FlightHandler {
+    /// A Flight SQL DoPut: parameters bound to a prepared statement; every write is refused.
+    async fn put_sql(
+        &self,
+        command: arrow_flight::sql::Any,
+        data: BoxStream<'static, Result<FlightData, FlightError>>,
+    ) -> Result<PutBody> {
+        use arrow_flight::sql::{Command as SqlCommand, DoPutPreparedStatementResult};
+        let command = SqlCommand::try_from(command)
+            .map_err(|e| Error::invalid(format!("malformed Flight SQL command: {e}")))?;
+        let SqlCommand::CommandPreparedStatementQuery(query) = command else {
+            return Err(Error::PermissionDenied(format!(
+                "{} is refused: artiflight serves its artifacts read-only through SQL. Add data \
+                 with DoPut on a path descriptor or the 'register' action.",
+                command
+                    .type_url()
+                    .trim_start_matches("type.googleapis.com/arrow.flight.protocol.sql.")
+            )));
+        };
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
+            .try_collect()
+            .await
+            .map_err(flight_input_error)?;
+        let handle = self
+            .sql
+            .bind(&query.prepared_statement_handle, batches)
+            .await?;
+        let result = DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(handle),
+        };
+        Ok(PutBody::Bytes(result.encode_to_vec().into()))
+    }
+}
+
+/// What DoPut answers: a record as JSON, or a Flight SQL message.
+enum PutBody {
+    Json(serde_json::Value),
+    Bytes(bytes::Bytes),
 }
 
 fn flight_input_error(e: FlightError) -> Error {
@@ -266,6 +371,9 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        if Self::sql_command(request.get_ref()).is_some() {
+            return self.sql.get_flight_info(request).await;
+        }
         let descriptor = request.into_inner();
         let (command, resolved, planned) = self.plan(&descriptor).await?;
         let structure = self.structure(&resolved).await;
@@ -287,8 +395,10 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        let (_, _, planned) = self.plan(request.get_ref()).await?;
-        let schema = planned.schema();
+        let schema = match Self::sql_command(request.get_ref()) {
+            Some(command) => self.sql.schema(command).await?,
+            None => self.plan(request.get_ref()).await?.2.schema(),
+        };
         let result: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
@@ -299,38 +409,34 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let spec = TicketSpec::decode(&request.get_ref().ticket)?;
-        let planner = self.registry.planner();
-        let sources = planner.sources(spec.uids.clone()).await?;
-        let planned = planner.plan(&spec.command, &sources).await?;
-        if planned.endpoint_count() != spec.partition_count {
-            return Err(Error::invalid(
-                "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
-            )
-            .into());
-        }
-        let schema = planned.schema();
-        // Pull-based: tonic asks for the next message only when the client can take it, and
-        // dropping the response (a vanished client) drops the scan.
-        let batches = planned
-            .execute(spec.partition)?
-            .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from_datafusion(e)))));
-        let flight = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .with_dictionary_handling(DictionaryHandling::Resend)
-            .build(batches)
-            .map_err(Status::from);
-        Ok(Response::new(flight.boxed()))
+        let ticket = request.get_ref().ticket.clone();
+        let stream = if sql_message(&ticket).is_some() {
+            self.sql.do_get(request).await?.into_inner()
+        } else {
+            let spec = TicketSpec::decode(&ticket)?;
+            let planner = self.registry.planner();
+            let sources = planner.sources(spec.uids.clone()).await?;
+            let planned = planner.plan(&spec.command, &sources).await?;
+            if planned.endpoint_count() != spec.partition_count {
+                return Err(Error::invalid(
+                    "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
+                )
+                .into());
+            }
+            stream_partition(&planned, spec.partition)?
+        };
+        Ok(Response::new(self.cancels.track(ticket, stream)?))
     }
 
     async fn do_put(
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        let record = self.put(request).await?;
-        Ok(Response::new(one(PutResult {
-            app_metadata: record.to_string().into(),
-        })))
+        let app_metadata = match self.put(request).await? {
+            PutBody::Json(record) => record.to_string().into(),
+            PutBody::Bytes(bytes) => bytes,
+        };
+        Ok(Response::new(one(PutResult { app_metadata })))
     }
 
     async fn do_exchange(
@@ -344,23 +450,41 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        let kind = request.get_ref().r#type.as_str();
+        if sql::ACTIONS.contains(&kind) {
+            return self.sql.do_action(request).await;
+        }
         let action = request.into_inner();
-        let body = actions::run(&self.registry, &action.r#type, &action.body).await?;
-        Ok(Response::new(one(arrow_flight::Result {
-            body: body.to_string().into(),
-        })))
+        let body: bytes::Bytes = match action.r#type.as_str() {
+            "CancelFlightInfo" => self.sql.cancel_flight_info(&action.body)?,
+            // CLOSED: there is no session state to drop.
+            "CloseSession" => artiflight_proto::CloseSessionResult { status: 1 }
+                .encode_to_vec()
+                .into(),
+            // An empty SetSessionOptionsResult (no option refused) or GetSessionOptionsResult.
+            "SetSessionOptions" | "GetSessionOptions" => bytes::Bytes::new(),
+            kind => actions::run(&self.registry, kind, &action.body)
+                .await?
+                .to_string()
+                .into(),
+        };
+        Ok(Response::new(one(arrow_flight::Result { body })))
     }
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        let types = actions::ACTIONS.iter().map(|(name, description)| {
-            Ok(ActionType {
-                r#type: name.to_string(),
-                description: description.to_string(),
-            })
-        });
-        Ok(Response::new(stream::iter(types).boxed()))
+        let ours = actions::ACTIONS
+            .iter()
+            .chain(FLIGHT_ACTIONS)
+            .map(|(name, description)| {
+                Ok(ActionType {
+                    r#type: name.to_string(),
+                    description: description.to_string(),
+                })
+            });
+        let sql = self.sql.list_actions(request).await?.into_inner();
+        Ok(Response::new(stream::iter(ours).chain(sql).boxed()))
     }
 }

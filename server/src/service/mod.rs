@@ -1,8 +1,10 @@
-//! The gRPC edge: Arrow Flight (and later Flight SQL) over tonic. Decodes descriptors and tickets,
+//! The gRPC edge: Arrow Flight and Flight SQL over tonic, on one port. Decodes descriptors and tickets,
 //! calls the query planner and the registry, and converts errors to statuses in one place.
 
 mod actions;
+mod cancel;
 mod flight;
+mod sql;
 mod status;
 
 use std::future::Future;

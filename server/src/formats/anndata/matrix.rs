@@ -222,6 +222,8 @@ pub(crate) struct MatrixSource {
     shape: [u64; 2],
     output: Output,
     schema: SchemaRef,
+    /// Long layout: the selected rows' and columns' names, as strings.
+    names: Option<(ArrayRef, ArrayRef)>,
     /// The CSR of the whole selection, built once for CSC storage.
     converted: OnceLock<Result<SparseBlock, String>>,
 }
@@ -309,6 +311,16 @@ impl MatrixSource {
                     fields.push(Field::new(name, value.clone(), false));
                 }
             }
+            Output::Matrix {
+                layout: Layout::Long,
+                ..
+            } => {
+                fields = vec![
+                    Field::new("obs_name", DataType::Utf8, false),
+                    Field::new("var_name", DataType::Utf8, false),
+                    Field::new("value", value.clone(), false),
+                ];
+            }
             Output::Embedding => fields.push(list("values", n_cols)?),
             Output::Pairs => {
                 fields = vec![
@@ -330,6 +342,35 @@ impl MatrixSource {
             );
         }
         let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+        let names = match (&output, &col_names) {
+            (
+                Output::Matrix {
+                    layout: Layout::Long,
+                    ..
+                },
+                Some(col_names),
+            ) if index.num_columns() > 0 => {
+                let obs = cast(index.column(0), &DataType::Utf8).map_err(|e| {
+                    Error::Internal(format!("'{element}': row names are not strings: {e}"))
+                })?;
+                let vars: ArrayRef = Arc::new(arrow::array::StringArray::from_iter_values(
+                    col_names.iter(),
+                ));
+                Some((obs, vars))
+            }
+            (
+                Output::Matrix {
+                    layout: Layout::Long,
+                    ..
+                },
+                _,
+            ) => {
+                return Err(Error::Internal(format!(
+                    "'{element}': the long layout needs row and column names"
+                )));
+            }
+            _ => None,
+        };
         Ok(Self {
             store,
             element: element.to_string(),
@@ -342,6 +383,7 @@ impl MatrixSource {
             shape,
             output,
             schema,
+            names,
             converted: OnceLock::new(),
         })
     }
@@ -353,7 +395,15 @@ impl MatrixSource {
 
     /// Rows per block so that a block holds about [`BLOCK_BYTES`] of values.
     pub(crate) fn block_rows(&self) -> usize {
-        let row_bytes = (self.n_cols.max(1) * self.dtype.width()).max(1);
+        // The long layout repeats both names with every entry: budget for them too.
+        let entry = match self.output {
+            Output::Matrix {
+                layout: Layout::Long,
+                ..
+            } => self.dtype.width() + 32,
+            _ => self.dtype.width(),
+        };
+        let row_bytes = (self.n_cols.max(1) * entry).max(1);
         (BLOCK_BYTES / row_bytes).max(1) as usize
     }
 
@@ -706,6 +756,40 @@ impl MatrixSource {
         }
     }
 
+    /// Rows `range` of the selection in the long layout: every entry of dense storage, the nonzeros
+    /// of sparse storage.
+    fn long_rows(&self, range: Range<usize>) -> Result<Vec<ArrayRef>> {
+        let (obs, vars) = self
+            .names
+            .as_ref()
+            .ok_or_else(|| self.fail("the long layout needs row and column names"))?;
+        let n = range.len();
+        let (row, col, values) = match &self.storage {
+            Storage::Sparse(_) => {
+                let block = self.sparse_rows(range.clone())?;
+                let mut row = Vec::with_capacity(block.indices.len());
+                for r in 0..n {
+                    let count = (block.offsets[r + 1] - block.offsets[r]) as usize;
+                    row.extend(std::iter::repeat_n((range.start + r) as u64, count));
+                }
+                let col = block.indices.iter().map(|&c| c as u64).collect();
+                (row, col, block.data)
+            }
+            Storage::Dense { .. } => {
+                let n_cols = self.n_cols;
+                let values = self.dense_rows(range.clone())?;
+                let row = (0..n as u64)
+                    .flat_map(|r| std::iter::repeat_n(range.start as u64 + r, n_cols as usize))
+                    .collect();
+                let col: Vec<u64> = (0..n as u64).flat_map(|_| 0..n_cols).collect();
+                (row, col, values)
+            }
+        };
+        let obs = take(obs, &UInt64Array::from(row), None).map_err(|e| self.fail(e))?;
+        let vars = take(vars, &UInt64Array::from(col), None).map_err(|e| self.fail(e))?;
+        Ok(vec![obs, vars, values])
+    }
+
     /// Rows `range` of the selection as dense values (`rows * n_cols`, row-major).
     fn dense_rows(&self, range: Range<usize>) -> Result<ArrayRef> {
         match &self.storage {
@@ -862,6 +946,10 @@ impl BlockSource for MatrixSource {
                 )));
                 columns.push(block.data);
             }
+            Output::Matrix {
+                layout: Layout::Long,
+                ..
+            } => columns = self.long_rows(range)?,
             output => {
                 columns.extend(self.index.slice(range.start, n).columns().iter().cloned());
                 let item = Arc::new(Field::new("item", self.dtype.arrow(), true));

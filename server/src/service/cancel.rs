@@ -1,0 +1,123 @@
+//! Cancelling flights. `CancelFlightInfo` (and Flight SQL's older `CancelQuery`) end the running
+//! streams of the flight's tickets with CANCELLED, which drops their scans, and refuse those
+//! tickets from then on.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use arrow_flight::FlightData;
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::{FutureExt, Stream, StreamExt};
+use tonic::Status;
+
+use super::flight::FlightStream;
+
+/// How many cancelled tickets are remembered, so that a DoGet arriving after the cancel is refused.
+const REMEMBERED: usize = 4096;
+
+/// The running DoGet streams by ticket, and recently cancelled tickets.
+#[derive(Default)]
+pub(super) struct Cancels {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    running: HashMap<u64, (Bytes, oneshot::Sender<()>)>,
+    cancelled: VecDeque<Bytes>,
+}
+
+impl Cancels {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wraps the stream of `ticket` so that a cancel ends it; refuses a cancelled ticket.
+    pub(super) fn track(
+        self: &Arc<Self>,
+        ticket: Bytes,
+        stream: FlightStream<FlightData>,
+    ) -> Result<FlightStream<FlightData>, Status> {
+        let mut inner = self.lock();
+        if inner.cancelled.contains(&ticket) {
+            return Err(Status::cancelled("this flight was cancelled"));
+        }
+        let (sender, cancelled) = oneshot::channel();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.running.insert(id, (ticket, sender));
+        Ok(Box::pin(Cancellable {
+            stream: Some(stream),
+            cancelled,
+            _running: Running {
+                cancels: Arc::clone(self),
+                id,
+            },
+        }))
+    }
+
+    /// Cancels the flight whose endpoints carry `tickets`; returns how many streams were running.
+    pub(super) fn cancel(&self, tickets: impl IntoIterator<Item = Bytes>) -> usize {
+        let mut inner = self.lock();
+        let mut stopped = 0;
+        for ticket in tickets {
+            let ids: Vec<u64> = inner
+                .running
+                .iter()
+                .filter(|(_, (t, _))| *t == ticket)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in ids {
+                if let Some((_, sender)) = inner.running.remove(&id) {
+                    stopped += usize::from(sender.send(()).is_ok());
+                }
+            }
+            if !inner.cancelled.contains(&ticket) {
+                if inner.cancelled.len() == REMEMBERED {
+                    inner.cancelled.pop_front();
+                }
+                inner.cancelled.push_back(ticket);
+            }
+        }
+        stopped
+    }
+}
+
+/// Removes a stream from the running set when it ends or its client goes.
+struct Running {
+    cancels: Arc<Cancels>,
+    id: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancels.lock().running.remove(&self.id);
+    }
+}
+
+struct Cancellable {
+    /// `None` once cancelled: the scan is dropped at once, not when the client reads on.
+    stream: Option<FlightStream<FlightData>>,
+    cancelled: oneshot::Receiver<()>,
+    _running: Running,
+}
+
+impl Stream for Cancellable {
+    type Item = Result<FlightData, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // The cancel is looked at first: a scan that is always ready would otherwise never see it.
+        if self.stream.is_some() && matches!(self.cancelled.poll_unpin(cx), Poll::Ready(Ok(()))) {
+            self.stream = None;
+            return Poll::Ready(Some(Err(Status::cancelled("the flight was cancelled"))));
+        }
+        match self.stream.as_mut() {
+            Some(stream) => stream.poll_next_unpin(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
