@@ -31,7 +31,21 @@ pub(crate) struct TestServer {
 
 impl TestServer {
     pub(crate) async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?).await
+    }
+
+    /// Stops this server and starts a new one on the same data dir and files.
+    pub(crate) async fn restart(
+        mut self,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        drop(self);
+        Self::start_in(dir).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let mut options = ServerOptions::new(dir.path().join("data"));
         options.allow_roots = vec![dir.path().display().to_string()];
         let server = Server::open(&options)?;

@@ -5,4 +5,5 @@ mod anndata;
 mod common;
 mod errors;
 mod flight;
+mod flight_sql;
 mod pushdown;
