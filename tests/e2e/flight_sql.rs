@@ -313,6 +313,16 @@ async fn metadata_answers_with_the_specification_schemas() -> TestResult {
         .map(|f| (f.name().as_str(), f.is_nullable()))
         .collect();
     assert_eq!(got, expected);
+    // Sessions: accepted, nothing held. CloseSessionResult { status: CLOSED } is 08 01.
+    let mut closed = client
+        .do_action(Action::new("CloseSession", Vec::<u8>::new()))
+        .await?;
+    assert_eq!(closed.try_next().await?.ok_or("no result")?.body.as_ref(), [8, 1]);
+    let mut set = client
+        .do_action(Action::new("SetSessionOptions", Vec::<u8>::new()))
+        .await?;
+    assert!(set.try_next().await?.ok_or("no result")?.body.is_empty());
+
     assert_eq!(
         fetch(&mut client, &keys)
             .await?

@@ -20,7 +20,9 @@ use async_trait::async_trait;
 use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::execution::context::SQLOptions;
-use datafusion::logical_expr::LogicalPlan;
+use arrow::datatypes::DataType;
+use datafusion::common::Column;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast};
 #[allow(deprecated)] // Older plans still carry it; it keeps partitions apart all the same.
 use datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -258,18 +260,23 @@ impl Planner {
         &self,
         pinned: BTreeMap<String, String>,
     ) -> Result<(SessionContext, Arc<Tables>)> {
-        let config = self
-            .session()
-            .copied_config()
+        let runtime = self.session().runtime_env();
+        let mut base = self.session().copied_config();
+        // Queries compute on string views: parquet strings decode without a copy and group keys
+        // hash faster. Results go out as plain strings (`plain_types`).
+        base.options_mut().execution.parquet.schema_force_view_types = true;
+        base.options_mut().sql_parser.map_string_types_to_utf8view = true;
+        let config = base
+            .clone()
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
-        let ctx = SessionContext::new_with_config_rt(config, self.session().runtime_env());
+        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&runtime));
         let tables = Arc::new(Tables {
             planner: self.clone(),
             // Tables open in a session of their own: holding the query's session here would make
             // a reference cycle through its catalog.
-            open_ctx: self.session(),
+            open_ctx: SessionContext::new_with_config_rt(base, runtime),
             pinned,
             resolved: Mutex::default(),
         });
@@ -305,7 +312,7 @@ impl Planner {
             Some(parameters) => bind(plan, parameters)?,
             None => plan,
         };
-        Ok((ctx, tables, plan))
+        Ok((ctx, tables, plain_types(plan)?))
     }
 
     /// The result and parameter schemas of a statement, for a prepared statement.
@@ -318,7 +325,7 @@ impl Planner {
                 let index = name.trim_start_matches('$').parse().unwrap_or(usize::MAX);
                 let data_type = field
                     .map(|f| f.data_type().clone())
-                    .unwrap_or(arrow::datatypes::DataType::Null);
+                    .unwrap_or(DataType::Null);
                 (index, Field::new(name, data_type, true))
             })
             .collect();
@@ -492,6 +499,28 @@ fn number_placeholders(statement: &mut ParsedStatement) {
         }
         ControlFlow::<()>::Continue(())
     });
+}
+
+/// Casts string and binary views in the result to plain strings and binaries, which every Flight
+/// SQL client reads (JDBC's among them).
+fn plain_types(plan: LogicalPlan) -> Result<LogicalPlan> {
+    let plain = |t: &DataType| match t {
+        DataType::Utf8View => Some(DataType::Utf8),
+        DataType::BinaryView => Some(DataType::Binary),
+        _ => None,
+    };
+    let schema = Arc::clone(plan.schema());
+    if !schema.fields().iter().any(|f| plain(f.data_type()).is_some()) {
+        return Ok(plan);
+    }
+    let columns = schema.iter().map(|(qualifier, field)| {
+        let column = Expr::Column(Column::from((qualifier, field)));
+        match plain(field.data_type()) {
+            Some(to) => cast(column, to).alias_qualified(qualifier.cloned(), field.name()),
+            None => column,
+        }
+    });
+    Ok(LogicalPlanBuilder::from(plan).project(columns)?.build()?)
 }
 
 /// Binds the first row of `parameters` to `$1`, `$2`, ..., cast to the types the query infers

@@ -1,0 +1,135 @@
+"""Flight SQL through ADBC next to DuckDB reading the same parquet files locally, in the same run.
+
+The data is compare.py's: 10 M rows x 10 columns in 20 hive shards (fixed seed), `id` sorted.
+Each query runs in both engines; the answers are compared before anything is timed. Our time is
+the ADBC client's, from `execute` to an Arrow table in Python (planning, every endpoint and the
+transfer included); DuckDB's is `duckdb.sql(...).to_arrow_table()` on the files, with its default
+of one thread per core.
+
+    cargo build --release --bin artiflight
+    .venv/bin/python benches/sql_compare.py [--rows 10000000] [--shards 20] [--repeat 5]
+
+Prints seconds for each engine and the ratio (ours / DuckDB's; the target is at most 1.5).
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import adbc_driver_flightsql.dbapi as flight_sql
+import duckdb
+import pyarrow as pa
+import pyarrow.flight as flight
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from compare import REPO, make_data  # noqa: E402
+
+TARGET = 1.5
+
+
+def queries(rows: int) -> dict[str, str]:
+    lo = rows // 2
+    hi = lo + rows // 100 - 1
+    return {
+        "group-by aggregate (400 groups)":
+            "SELECT h, f, count(*) AS n, sum(a) AS sa, avg(c) AS mc FROM scan GROUP BY h, f",
+        "selective filter (1 % by sorted id)":
+            f"SELECT * FROM scan WHERE id BETWEEN {lo} AND {hi}",
+    }
+
+
+def canonical(table: pa.Table) -> pa.Table:
+    """Sorted by every column, dictionaries decoded, so two engines' answers compare."""
+    columns = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type):
+            column = column.cast(pa.string())
+        columns[name] = column
+    table = pa.table(columns)
+    return table.sort_by([(n, "ascending") for n in table.column_names])
+
+
+def same(ours: pa.Table, theirs: pa.Table, name: str):
+    ours, theirs = canonical(ours), canonical(theirs)
+    assert ours.num_rows == theirs.num_rows, (name, ours.num_rows, theirs.num_rows)
+    for column in ours.column_names:
+        a, b = ours.column(column).to_pylist(), theirs.column(column).to_pylist()
+        if pa.types.is_floating(ours.column(column).type):
+            assert all(abs(x - y) <= 1e-9 * max(1.0, abs(y)) for x, y in zip(a, b)), (name, column)
+        else:
+            assert a == b, (name, column)
+
+
+def timed(fn, repeat: int) -> tuple[float, pa.Table]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--binary", default=str(REPO / "target" / "release" / "artiflight"))
+    parser.add_argument("--data", default=str(REPO / "bench-data"))
+    args = parser.parse_args()
+
+    folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
+    data_dir = pathlib.Path(args.data) / "artiflight-data-sql"
+    proc = subprocess.Popen(
+        [args.binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir),
+         "--allow-root", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    results = []
+    try:
+        url = proc.stdout.readline().split()[-1]
+        client = flight.connect(url)
+        body = json.dumps({"path": str(folder), "key": "scan"}).encode()
+        list(client.do_action(flight.Action("register", body)))
+        client.close()
+
+        duck = duckdb.connect()
+        duck.execute(
+            "CREATE VIEW scan AS SELECT * FROM "
+            f"read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
+        )
+        conn = flight_sql.connect(url, autocommit=True)
+        cursor = conn.cursor()
+
+        def ours(sql):
+            cursor.execute(sql)
+            return cursor.fetch_arrow_table()
+
+        for name, sql in queries(args.rows).items():
+            same(ours(sql), duck.sql(sql).to_arrow_table(), name)  # also warms both
+            theirs_s, _ = timed(lambda: duck.sql(sql).to_arrow_table(), args.repeat)
+            ours_s, table = timed(lambda: ours(sql), args.repeat)
+            results.append((name, table.num_rows, ours_s, theirs_s))
+        cursor.close()
+        conn.close()
+        duck.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    print(f"Flight SQL via ADBC vs DuckDB on the files: {args.rows:,} rows x 10 columns in "
+          f"{args.shards} shards, best of {args.repeat}")
+    print(f"{'query':<38} {'rows':>7} {'artiflight s':>12} {'DuckDB s':>9} {'ratio':>6} {'target':>7}")
+    for name, rows, ours_s, theirs_s in results:
+        ratio = ours_s / theirs_s
+        print(f"{name:<38} {rows:>7} {ours_s:>12.3f} {theirs_s:>9.3f} {ratio:>6.2f} {TARGET:>7}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
