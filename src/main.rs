@@ -5,6 +5,11 @@ mod demo;
 
 use clap::Parser;
 
+/// Scans allocate and free large buffers per batch; mimalloc reuses them where glibc's malloc
+/// unmaps them and the next scan pays page faults and zeroing again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
