@@ -317,7 +317,10 @@ async fn metadata_answers_with_the_specification_schemas() -> TestResult {
     let mut closed = client
         .do_action(Action::new("CloseSession", Vec::<u8>::new()))
         .await?;
-    assert_eq!(closed.try_next().await?.ok_or("no result")?.body.as_ref(), [8, 1]);
+    assert_eq!(
+        closed.try_next().await?.ok_or("no result")?.body.as_ref(),
+        [8, 1]
+    );
     let mut set = client
         .do_action(Action::new("SetSessionOptions", Vec::<u8>::new()))
         .await?;

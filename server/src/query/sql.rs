@@ -12,16 +12,16 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::DataType;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use artiflight_proto::{SQL_STATEMENT_VERSION, SqlStatement};
 use async_trait::async_trait;
 use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, TableProvider};
+use datafusion::common::Column;
 use datafusion::common::ScalarValue;
 use datafusion::execution::context::SQLOptions;
-use arrow::datatypes::DataType;
-use datafusion::common::Column;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast};
 #[allow(deprecated)] // Older plans still carry it; it keeps partitions apart all the same.
 use datafusion::physical_plan::coalesce_batches::CoalesceBatchesExec;
@@ -510,7 +510,11 @@ fn plain_types(plan: LogicalPlan) -> Result<LogicalPlan> {
         _ => None,
     };
     let schema = Arc::clone(plan.schema());
-    if !schema.fields().iter().any(|f| plain(f.data_type()).is_some()) {
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| plain(f.data_type()).is_some())
+    {
         return Ok(plan);
     }
     let columns = schema.iter().map(|(qualifier, field)| {
