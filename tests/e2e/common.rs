@@ -48,6 +48,8 @@ impl TestServer {
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let mut options = ServerOptions::new(dir.path().join("data"));
         options.allow_roots = vec![dir.path().display().to_string()];
+        // Endpoint counts follow the partitions: fixed, so tests do not depend on the machine.
+        options.target_partitions = 2;
         let server = Server::open(&options)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("grpc://{}", listener.local_addr()?);

@@ -29,6 +29,8 @@ class Server:
         self.files.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [binary(), "serve", "--addr", "127.0.0.1:0", "--demo", "--data-dir", str(self.data_dir),
+             # Endpoint counts follow the partitions: fixed, so tests do not depend on the machine.
+             "--target-partitions", "2",
              "--allow-root", str(self.files), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
         )
