@@ -54,6 +54,22 @@ def make_data(root: pathlib.Path, rows: int, shards: int) -> pathlib.Path:
     return target
 
 
+def serve(binary: str, data_dir: pathlib.Path, folder: pathlib.Path, key: str):
+    """Starts artiflight on an ephemeral loopback port with `folder` registered as `key`; returns
+    the process and its URL."""
+    proc = subprocess.Popen(
+        [binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir),
+         "--allow-root", str(folder)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    url = proc.stdout.readline().split()[-1]
+    client = flight.connect(url)
+    body = json.dumps({"path": str(folder), "key": key}).encode()
+    list(client.do_action(flight.Action("register", body)))
+    client.close()
+    return proc, url
+
+
 class PyarrowServer(flight.FlightServerBase):
     """The peer: a plain pyarrow Flight server over a pyarrow dataset."""
 
@@ -109,17 +125,8 @@ def main():
     args = parser.parse_args()
 
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    data_dir = pathlib.Path(args.data) / "artiflight-data"
-    proc = subprocess.Popen(
-        [args.binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir),
-         "--allow-root", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data", folder, "scan")
     try:
-        url = proc.stdout.readline().split()[-1]
-        client = flight.connect(url)
-        body = json.dumps({"path": str(folder), "key": "scan"}).encode()
-        list(client.do_action(flight.Action("register", body)))
         peer = PyarrowServer(folder)
         peer_url = f"grpc://127.0.0.1:{peer.port}"
         threading.Thread(target=peer.serve, daemon=True).start()

@@ -13,19 +13,16 @@ Prints seconds for each engine and the ratio (ours / DuckDB's; the target is at 
 """
 
 import argparse
-import json
 import pathlib
-import subprocess
 import sys
 import time
 
 import adbc_driver_flightsql.dbapi as flight_sql
 import duckdb
 import pyarrow as pa
-import pyarrow.flight as flight
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compare import REPO, make_data  # noqa: E402
+from compare import REPO, make_data, serve  # noqa: E402
 
 TARGET = 1.5
 
@@ -85,20 +82,9 @@ def main():
     args = parser.parse_args()
 
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    data_dir = pathlib.Path(args.data) / "artiflight-data-sql"
-    proc = subprocess.Popen(
-        [args.binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir),
-         "--allow-root", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data-sql", folder, "scan")
     results = []
     try:
-        url = proc.stdout.readline().split()[-1]
-        client = flight.connect(url)
-        body = json.dumps({"path": str(folder), "key": "scan"}).encode()
-        list(client.do_action(flight.Action("register", body)))
-        client.close()
-
         duck = duckdb.connect()
         duck.execute(
             "CREATE VIEW scan AS SELECT * FROM "
