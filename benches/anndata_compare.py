@@ -33,7 +33,8 @@ import pyarrow.flight as flight
 import scipy.sparse as sp
 import zarr
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import DEFAULT_BINARY, DEFAULT_DATA, Row, peak_rss_mb, print_rows  # noqa: E402
 PREDICATE = "cell_type = 'type3' AND percent_mito <= 0.1"
 
 
@@ -129,14 +130,6 @@ def anndata_backed(path: pathlib.Path, kind: str):
     return time.perf_counter() - start, x
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The server's peak resident memory so far (VmHWM), in MB."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def full_stream(url: str, key: str) -> tuple[float, int, int]:
     """Streams all of X, every endpoint in parallel, keeping no batch: seconds, rows, bytes."""
     client = flight.connect(url)
@@ -164,17 +157,23 @@ def best(fn, repeat):
     return min(runs, key=lambda r: r[0])
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--n-obs", type=int, default=200_000)
     parser.add_argument("--n-vars", type=int, default=2_000)
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--chunk-rows", type=int, default=64, help="rows per zarr chunk of dense X")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--binary", default=str(REPO / "target" / "release" / "artiflight"))
-    parser.add_argument("--data", default=str(REPO / "bench-data"))
-    args = parser.parse_args()
 
+
+def main():
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--binary", default=DEFAULT_BINARY)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    print_rows(run(parser.parse_args()))
+
+
+def run(args) -> list[Row]:
     files = make_data(pathlib.Path(args.data), args.n_obs, args.n_vars, args.density, args.chunk_rows)
     data_dir = pathlib.Path(args.data) / "artiflight-data-anndata"
     root = next(iter(files.values())).parent
@@ -222,6 +221,15 @@ def main():
     print(f"{'file':<5} {'seconds':>8} {'GB':>6} {'GB/s':>6} {'server peak RSS MB':>19}")
     for fmt, secs, nbytes, peak in streams:
         print(f"{fmt:<5} {secs:>8.2f} {nbytes / 1e9:>6.2f} {nbytes / secs / 1e9:>6.2f} {peak:>19.0f}")
+    print(flush=True)
+    size = f"{args.n_obs:,} x {args.n_vars:,}"
+    result = [Row(f"4 AnnData {size}, 1 % rows", f"{kind} {fmt}, s", ours, theirs, "s",
+                  "<= 0.5" if kind == "dense" else "<= 1.0", "anndata backed mode", f"{n} rows")
+              for kind, fmt, n, ours, theirs in rows]
+    for fmt, secs, nbytes, peak in streams:
+        result.append(Row(f"4 AnnData {size}, full X stream", f"dense {fmt}, server peak RSS", peak,
+                          None, "MB", "", "", f"{nbytes / 1e9:.2f} GB in {secs:.2f} s; {before:.0f} MB before"))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,30 +1,38 @@
-"""Full-scan throughput of artiflight next to its peers, measured in the same run.
+"""Parquet cases of the benchmark harness, each next to its peer measured in the same run.
 
-Peers: pyarrow's own Flight server (a Python FlightServerBase streaming the same files with
-pyarrow.dataset) and a local pyarrow.dataset read. One pyarrow.flight client reads both servers.
+Data: `rows` rows x 10 columns in `shards` hive shards (fixed seed, `id` sorted, pyarrow's
+default row groups). Peers: a pyarrow.flight server written in Python serving the same files with
+pyarrow.dataset (what a Python user would write instead), and a local pyarrow.dataset read.
+
+1. full scan, every endpoint fetched in parallel by a pyarrow.flight client;
+2. a 1 % filter on the sorted id (row groups pruned reported from EXPLAIN ANALYZE);
+3. a projection of 3 of 10 columns (bytes read from storage next to those columns' chunks);
+6. concurrency: N clients at once, half full scans and half filters, for a fixed time.
 
     cargo build --release --bin artiflight
     .venv/bin/python benches/compare.py [--rows 10000000] [--shards 20] [--repeat 3]
-
-Prints a table of seconds, GB/s (Arrow in-memory bytes) and the ratio to the Python Flight server.
 """
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
+import re
 import sys
 import threading
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import (DEFAULT_BINARY, DEFAULT_DATA, REPO, Row, best, peak_rss_mb,  # noqa: E402,F401
+                    print_rows, register, serve, stop)
+
+PROJECTED = ["id", "c", "h"]
 
 
 def make_data(root: pathlib.Path, rows: int, shards: int) -> pathlib.Path:
@@ -54,106 +62,271 @@ def make_data(root: pathlib.Path, rows: int, shards: int) -> pathlib.Path:
     return target
 
 
-def serve(binary: str, data_dir: pathlib.Path, folder: pathlib.Path, key: str):
-    """Starts artiflight on an ephemeral loopback port with `folder` registered as `key`; returns
-    the process and its URL."""
-    proc = subprocess.Popen(
-        [binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir),
-         "--allow-root", str(folder)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    url = proc.stdout.readline().split()[-1]
-    client = flight.connect(url)
-    body = json.dumps({"path": str(folder), "key": key}).encode()
-    list(client.do_action(flight.Action("register", body)))
-    client.close()
-    return proc, url
-
-
 class PyarrowServer(flight.FlightServerBase):
-    """The peer: a plain pyarrow Flight server over a pyarrow dataset."""
+    """The peer: a plain pyarrow Flight server over a pyarrow dataset. A command descriptor
+    `{"id": [lo, hi], "columns": [...]}` filters and projects, as pyarrow.dataset does."""
 
     def __init__(self, folder, **kw):
         super().__init__("grpc://127.0.0.1:0", **kw)
         self.dataset = ds.dataset(folder, format="parquet", partitioning="hive")
 
     def get_flight_info(self, context, descriptor):
-        ticket = flight.Ticket(b"all")
+        ticket = flight.Ticket(descriptor.command or b"{}")
         return flight.FlightInfo(self.dataset.schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
 
     def do_get(self, context, ticket):
-        return flight.GeneratorStream(self.dataset.schema, self.dataset.to_batches())
+        spec = json.loads(ticket.ticket)
+        kwargs = {}
+        if "id" in spec:
+            lo, hi = spec["id"]
+            kwargs["filter"] = (pc.field("id") >= lo) & (pc.field("id") <= hi)
+        if "columns" in spec:
+            kwargs["columns"] = spec["columns"]
+        scanner = self.dataset.scanner(**kwargs)
+        return flight.GeneratorStream(scanner.projected_schema, scanner.to_batches())
 
 
-def scan(url: str, descriptor, parallel: bool) -> tuple[float, int, int]:
+def fetch(url: str, descriptor, parallel: bool, keep: bool = True) -> tuple[float, int, int]:
+    """GetFlightInfo and every endpoint: seconds, rows, Arrow bytes. Without `keep`, batches are
+    counted and dropped, so that many clients at once do not hold whole tables."""
     client = flight.connect(url)
     start = time.perf_counter()
     info = client.get_flight_info(descriptor)
-    results = [None] * len(info.endpoints)
+    counts = [(0, 0)] * len(info.endpoints)
 
-    def fetch(i, endpoint):
+    def one(i, endpoint):
         c = flight.connect(url) if parallel else client
-        results[i] = c.do_get(endpoint.ticket).read_all()
+        reader = c.do_get(endpoint.ticket)
+        if keep:
+            table = reader.read_all()
+            counts[i] = (table.num_rows, table.nbytes)
+        else:
+            rows = nbytes = 0
+            for chunk in reader:
+                rows += chunk.data.num_rows
+                nbytes += chunk.data.nbytes
+            counts[i] = (rows, nbytes)
+        if parallel:
+            c.close()
 
-    if parallel:
-        threads = [threading.Thread(target=fetch, args=(i, e)) for i, e in enumerate(info.endpoints)]
+    if parallel and len(info.endpoints) > 1:
+        threads = [threading.Thread(target=one, args=(i, e)) for i, e in enumerate(info.endpoints)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     else:
         for i, e in enumerate(info.endpoints):
-            fetch(i, e)
+            one(i, e)
     elapsed = time.perf_counter() - start
-    rows = sum(t.num_rows for t in results)
-    nbytes = sum(t.nbytes for t in results)
-    return elapsed, rows, nbytes
+    client.close()
+    return elapsed, sum(r for r, _ in counts), sum(b for _, b in counts)
 
 
-def best(fn, repeat):
-    runs = [fn() for _ in range(repeat)]
-    return min(runs, key=lambda r: r[0])
+def ours_cmd(**cmd) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps({"key": "scan", **cmd}))
+
+
+def peer_cmd(**cmd) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps(cmd))
+
+
+def explain(url: str, sql: str) -> dict:
+    """DataFusion's scan metrics for `sql`, through Flight SQL's EXPLAIN ANALYZE."""
+    import adbc_driver_flightsql.dbapi as flight_sql
+
+    with flight_sql.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("EXPLAIN ANALYZE " + sql)
+        text = " ".join(str(r[1]) for r in cur.fetchall())
+    metrics = {}
+    for name in ["row_groups_pruned_statistics", "files_ranges_pruned_statistics",
+                 "page_index_rows_pruned"]:
+        m = re.search(name + r"=([\d.]+) ?([KM]?) total → ([\d.]+) ?([KM]?) matched", text)
+        if m:
+            scale = {"": 1, "K": 1e3, "M": 1e6}
+            metrics[name] = (float(m.group(1)) * scale[m.group(2)], float(m.group(3)) * scale[m.group(4)])
+    m = re.search(r"bytes_scanned=([\d.]+) ?([KMG]?)", text)
+    if m:
+        metrics["bytes_scanned"] = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9}[m.group(2)]
+    return metrics
+
+
+def column_chunk_bytes(folder: pathlib.Path, columns: list[str], all_columns: bool = False) -> int:
+    """Compressed bytes of `columns`' chunks over every file (what a reader of only those columns
+    must read), or of every column."""
+    total = 0
+    for path in sorted(folder.rglob("*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                if all_columns or chunk.path_in_schema in columns:
+                    total += chunk.total_compressed_size
+    return total
+
+
+def concurrent(url: str, scan, filt, clients: int, seconds: float) -> dict:
+    """`clients` threads for `seconds`, half looping full scans, half filters."""
+    stop_at = time.perf_counter() + seconds
+    scan_bytes, latencies, errors = [0], [], []
+    lock = threading.Lock()
+
+    def worker(kind):
+        # Bounded: at most 10,000 requests per client, and no new request after the deadline.
+        for _ in range(10_000):
+            if time.perf_counter() >= stop_at:
+                return
+            try:
+                if kind == "scan":
+                    _, _, nbytes = fetch(url, scan, parallel=False, keep=False)
+                    with lock:
+                        scan_bytes[0] += nbytes
+                else:
+                    secs, _, _ = fetch(url, filt, parallel=False)
+                    with lock:
+                        latencies.append(secs)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    errors.append(repr(e))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=("scan" if i % 2 == 0 else "filter",))
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies) if latencies else np.array([float("nan")])
+    return {
+        "gbps": scan_bytes[0] / elapsed / 1e9,
+        "p50": float(np.percentile(lat, 50)),
+        "p99": float(np.percentile(lat, 99)),
+        "filters": len(latencies),
+        "errors": errors,
+    }
+
+
+def run(args) -> list[Row]:
+    folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
+    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data", folder)
+    rows: list[Row] = []
+    wanted = set(getattr(args, "only", None) or range(1, 8))
+    peer = PyarrowServer(folder)
+    peer_url = f"grpc://127.0.0.1:{peer.port}"
+    threading.Thread(target=peer.serve, daemon=True).start()
+    try:
+        register(url, folder, "scan")
+        print(f"parquet cases: {args.rows:,} rows x 10 columns in {args.shards} shards, best of {args.repeat}",
+              flush=True)
+
+        if 1 in wanted:
+            rows.extend(full_scan(args, folder, url, peer_url))
+        lo = args.rows // 2
+        hi = lo + args.rows // 100 - 1
+        ours_f = ours_cmd(filter=f"id BETWEEN {lo} AND {hi}")
+        peer_f = peer_cmd(id=[lo, hi])
+        if 2 in wanted:
+            rows.append(selective(args, url, peer_url, ours_f, peer_f, lo, hi))
+        if 3 in wanted:
+            rows.extend(projection(args, folder, url, peer_url))
+        if 6 in wanted:
+            for clients in args.clients:
+                rows.extend(concurrency(args, proc, url, peer_url, ours_f, peer_f, clients))
+    finally:
+        peer.shutdown()
+        stop(proc)
+    return rows
+
+
+def full_scan(args, folder, url, peer_url) -> list[Row]:
+    """Case 1."""
+    ds.dataset(folder, format="parquet", partitioning="hive").to_table()  # warm the page cache
+    local = best(lambda: (lambda t0, t: (time.perf_counter() - t0, t.num_rows, t.nbytes))(
+        time.perf_counter(), ds.dataset(folder, format="parquet", partitioning="hive").to_table()),
+        args.repeat)
+    theirs = best(lambda: fetch(peer_url, peer_cmd(), False), args.repeat)
+    seq = best(lambda: fetch(url, ours_cmd(), False), args.repeat)
+    par = best(lambda: fetch(url, ours_cmd(), True), args.repeat)
+    for name, r in [("local", local), ("peer", theirs), ("seq", seq), ("par", par)]:
+        assert r[1] == args.rows, (name, r[1])
+    gbps = lambda r: r[2] / r[0] / 1e9  # noqa: E731
+    return [
+        Row("1 full scan", "GB/s, endpoints in parallel", gbps(par), gbps(theirs),
+            "GB/s", ">= 1.5", "pyarrow Flight server (Python)"),
+        Row("1 full scan", "GB/s, endpoints in parallel", gbps(par), gbps(local),
+            "GB/s", ">= 1.0", "local pyarrow.dataset"),
+        Row("1 full scan", "GB/s, endpoints in sequence", gbps(seq), gbps(theirs),
+            "GB/s", "", "pyarrow Flight server (Python)"),
+    ]
+
+
+def selective(args, url, peer_url, ours_f, peer_f, lo, hi) -> Row:
+    """Case 2: latency, and what pruning skipped (from EXPLAIN ANALYZE)."""
+    assert fetch(url, ours_f, True)[1] == fetch(peer_url, peer_f, False)[1] == hi - lo + 1
+    t_ours = best(lambda: fetch(url, ours_f, True), args.repeat)[0]
+    t_peer = best(lambda: fetch(peer_url, peer_f, False), args.repeat)[0]
+    m = explain(url, f"SELECT * FROM scan WHERE id BETWEEN {lo} AND {hi}")
+    groups = m.get("row_groups_pruned_statistics", (0, 0))
+    files = m.get("files_ranges_pruned_statistics", (0, 0))
+    note = (f"file ranges {files[0]:.0f} -> {files[1]:.0f} by statistics, "
+            f"row groups {groups[0]:.0f} -> {groups[1]:.0f}")
+    return Row("2 1 % filter on sorted id", "seconds to a table", t_ours, t_peer, "s",
+               "<= 1.0", "pyarrow Flight server (Python)", note)
+
+
+def projection(args, folder, url, peer_url) -> list[Row]:
+    """Case 3: latency, and bytes read from storage next to the projected columns' chunks."""
+    ours_p = ours_cmd(columns=PROJECTED)
+    peer_p = peer_cmd(columns=PROJECTED)
+    t_ours = best(lambda: fetch(url, ours_p, True), args.repeat)[0]
+    t_peer = best(lambda: fetch(peer_url, peer_p, False), args.repeat)[0]
+    rows = [Row("3 projection, 3 of 10 columns", "seconds to a table", t_ours, t_peer, "s",
+                "", "pyarrow Flight server (Python)")]
+    scanned = explain(url, f"SELECT {', '.join(PROJECTED)} FROM scan").get("bytes_scanned", float("nan"))
+    needed = column_chunk_bytes(folder, PROJECTED)
+    everything = column_chunk_bytes(folder, [], all_columns=True)
+    rows.append(Row("3 projection, 3 of 10 columns", "MB read from storage", scanned / 1e6,
+                    needed / 1e6, "MB", "<= 1.05", "those 3 columns' chunks",
+                    f"all columns' chunks: {everything / 1e6:.0f} MB"))
+    return rows
+
+
+def concurrency(args, proc, url, peer_url, ours_f, peer_f, clients) -> list[Row]:
+    """Case 6, for one number of clients."""
+    before = peak_rss_mb(proc.pid)
+    ours_c = concurrent(url, ours_cmd(), ours_f, clients, args.seconds)
+    peer_c = concurrent(peer_url, peer_cmd(), peer_f, clients, args.seconds)
+    for result in (ours_c, peer_c):
+        assert not result["errors"], result["errors"][:3]
+    label = f"6 {clients} clients, {args.seconds:.0f} s"
+    return [
+        Row(label, "scan GB/s, all clients", ours_c["gbps"], peer_c["gbps"], "GB/s",
+            "", "pyarrow Flight server (Python)"),
+        Row(label, "filter p50 latency", ours_c["p50"], peer_c["p50"], "s", "",
+            "pyarrow Flight server (Python)", f"{ours_c['filters']} filters"),
+        Row(label, "filter p99 latency", ours_c["p99"], peer_c["p99"], "s", "",
+            "pyarrow Flight server (Python)"),
+        Row(label, "server peak RSS", peak_rss_mb(proc.pid), None, "MB", "",
+            "", f"{before:.0f} MB before"),
+    ]
+
+
+def add_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--shards", type=int, default=20)
+    parser.add_argument("--clients", type=int, nargs="*", default=[8, 32])
+    parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level and server")
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--shards", type=int, default=20)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--binary", default=str(REPO / "target" / "release" / "artiflight"))
-    parser.add_argument("--data", default=str(REPO / "bench-data"))
-    args = parser.parse_args()
-
-    folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data", folder, "scan")
-    try:
-        peer = PyarrowServer(folder)
-        peer_url = f"grpc://127.0.0.1:{peer.port}"
-        threading.Thread(target=peer.serve, daemon=True).start()
-
-        ours_desc = flight.FlightDescriptor.for_path("scan")
-        peer_desc = flight.FlightDescriptor.for_path("scan")
-        results = {}
-        # Warm the page cache once before timing anything.
-        ds.dataset(folder, format="parquet", partitioning="hive").to_table()
-        results["pyarrow.dataset (local, no network)"] = best(
-            lambda: (lambda t0, t: (time.perf_counter() - t0, t.num_rows, t.nbytes))(
-                time.perf_counter(), ds.dataset(folder, format="parquet", partitioning="hive").to_table()),
-            args.repeat)
-        results["pyarrow Flight server (Python)"] = best(lambda: scan(peer_url, peer_desc, False), args.repeat)
-        results["artiflight, endpoints in sequence"] = best(lambda: scan(url, ours_desc, False), args.repeat)
-        results["artiflight, endpoints in parallel"] = best(lambda: scan(url, ours_desc, True), args.repeat)
-        peer.shutdown()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-    base = results["pyarrow Flight server (Python)"][0]
-    print(f"full scan: {args.rows:,} rows x 10 columns in {args.shards} shards, best of {args.repeat}")
-    print(f"{'reader':<40} {'seconds':>8} {'GB/s':>7} {'vs pyarrow Flight':>18}")
-    for name, (secs, rows, nbytes) in results.items():
-        assert rows == args.rows, (name, rows)
-        print(f"{name:<40} {secs:>8.3f} {nbytes / secs / 1e9:>7.2f} {base / secs:>17.2f}x")
+    parser.add_argument("--binary", default=DEFAULT_BINARY)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    print_rows(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import duckdb
 import pyarrow as pa
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from compare import REPO, make_data, serve  # noqa: E402
+from common import DEFAULT_BINARY, DEFAULT_DATA, Row, register, serve, stop  # noqa: E402
+from compare import make_data  # noqa: E402
 
 TARGET = 1.5
 
@@ -72,49 +73,52 @@ def timed(fn, repeat: int) -> tuple[float, pa.Table]:
     return min(times), result
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--shards", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--binary", default=str(REPO / "target" / "release" / "artiflight"))
-    parser.add_argument("--data", default=str(REPO / "bench-data"))
-    args = parser.parse_args()
-
+def run(args) -> list[Row]:
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data-sql", folder, "scan")
-    results = []
+    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data-sql", folder)
+    rows = []
     try:
+        register(url, folder, "scan")
         duck = duckdb.connect()
         duck.execute(
             "CREATE VIEW scan AS SELECT * FROM "
             f"read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
         )
-        conn = flight_sql.connect(url, autocommit=True)
-        cursor = conn.cursor()
+        with flight_sql.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
+            def ours(sql):
+                cursor.execute(sql)
+                return cursor.fetch_arrow_table()
 
-        def ours(sql):
-            cursor.execute(sql)
-            return cursor.fetch_arrow_table()
-
-        for name, sql in queries(args.rows).items():
-            same(ours(sql), duck.sql(sql).to_arrow_table(), name)  # also warms both
-            theirs_s, _ = timed(lambda: duck.sql(sql).to_arrow_table(), args.repeat)
-            ours_s, table = timed(lambda: ours(sql), args.repeat)
-            results.append((name, table.num_rows, ours_s, theirs_s))
-        cursor.close()
-        conn.close()
+            for name, sql in queries(args.rows).items():
+                same(ours(sql), duck.sql(sql).to_arrow_table(), name)  # also warms both
+                theirs_s, _ = timed(lambda: duck.sql(sql).to_arrow_table(), args.repeat)
+                ours_s, table = timed(lambda: ours(sql), args.repeat)
+                rows.append(Row("5 Flight SQL via ADBC", f"{name}, s", ours_s, theirs_s, "s",
+                                f"<= {TARGET}", "DuckDB on the files", f"{table.num_rows} rows"))
         duck.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
+    return rows
 
+
+def add_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--shards", type=int, default=20)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--binary", default=DEFAULT_BINARY)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    args = parser.parse_args()
     print(f"Flight SQL via ADBC vs DuckDB on the files: {args.rows:,} rows x 10 columns in "
           f"{args.shards} shards, best of {args.repeat}")
     print(f"{'query':<38} {'rows':>7} {'artiflight s':>12} {'DuckDB s':>9} {'ratio':>6} {'target':>7}")
-    for name, rows, ours_s, theirs_s in results:
-        ratio = ours_s / theirs_s
-        print(f"{name:<38} {rows:>7} {ours_s:>12.3f} {theirs_s:>9.3f} {ratio:>6.2f} {TARGET:>7}")
+    for r in run(args):
+        print(f"{r.measure[:-3]:<38} {r.note.split()[0]:>7} {r.ours:>12.3f} {r.peer:>9.3f} "
+              f"{r.ratio:>6.2f} {TARGET:>7}")
 
 
 if __name__ == "__main__":

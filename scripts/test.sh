@@ -13,3 +13,8 @@ target_dir=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 export ARTIFLIGHT_BIN="$target_dir/debug/artiflight"
 .venv/bin/python -m pytest -q tests/python "$@"
+
+# The benchmark harness at tiny sizes: every case runs end to end (no timing is asserted).
+bench_data=$(mktemp -d)
+trap 'rm -rf "$bench_data"' EXIT
+timeout 600 .venv/bin/python benches/harness.py --smoke --binary "$ARTIFLIGHT_BIN" --data "$bench_data"

@@ -84,6 +84,10 @@ impl Registry {
             path: url.to_string(),
             managed,
             trusted,
+            arrow_schema: inspection
+                .schema
+                .as_deref()
+                .and_then(crate::catalog::encode_schema),
         };
         let (record, created) = self.planner.catalog().run(move |c| c.register(new)).await?;
         tracing::info!(key, uid = %record.uid, created, "registered");

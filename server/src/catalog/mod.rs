@@ -46,6 +46,26 @@ pub struct ArtifactRecord {
     pub trusted: bool,
     /// When it was moved to the trash, if it was.
     pub trashed_at: Option<String>,
+    /// The table's Arrow schema as an IPC message, recorded at registration so that listings
+    /// need not open the artifact; `None` for array stores and older records.
+    #[serde(skip)]
+    pub arrow_schema: Option<Vec<u8>>,
+}
+
+impl ArtifactRecord {
+    /// The schema recorded at registration, if any.
+    pub fn schema(&self) -> Option<arrow::datatypes::SchemaRef> {
+        let bytes = self.arrow_schema.as_deref()?;
+        let reader = arrow::ipc::reader::StreamReader::try_new(bytes, None).ok()?;
+        Some(reader.schema())
+    }
+}
+
+/// A schema as the bytes [`ArtifactRecord::schema`] reads: an Arrow IPC stream without batches.
+pub fn encode_schema(schema: &arrow::datatypes::Schema) -> Option<Vec<u8>> {
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema).ok()?;
+    writer.finish().ok()?;
+    writer.into_inner().ok()
 }
 
 /// An ordered list of artifacts under a key; its table is the union of its members' tables.
@@ -149,6 +169,8 @@ pub struct NewArtifact {
     pub path: String,
     pub managed: bool,
     pub trusted: bool,
+    /// The table's Arrow schema as an IPC message, where the format knows it at registration.
+    pub arrow_schema: Option<Vec<u8>>,
 }
 
 /// The outcome of a delete: what was removed or trashed, and managed files now safe to remove.

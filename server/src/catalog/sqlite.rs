@@ -59,10 +59,13 @@ CREATE TABLE collection_members (
     artifact_uid   TEXT NOT NULL REFERENCES artifacts(uid),
     PRIMARY KEY (collection_uid, position)
 );
+"#, r#"
+ALTER TABLE artifacts ADD COLUMN arrow_schema BLOB;
 "#];
 
 const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
-     n_observations, version, is_latest, created_at, storage, path, managed, trusted, trashed_at";
+     n_observations, version, is_latest, created_at, storage, path, managed, trusted, trashed_at, \
+     arrow_schema";
 
 /// The SQLite implementation of [`CatalogStore`].
 pub struct SqliteCatalog {
@@ -161,6 +164,7 @@ fn artifact_from_row(row: &Row<'_>) -> rusqlite::Result<ArtifactRecord> {
         managed: row.get(14)?,
         trusted: row.get(15)?,
         trashed_at: row.get(16)?,
+        arrow_schema: row.get(17)?,
     })
 }
 
@@ -276,7 +280,7 @@ impl CatalogStore for SqliteCatalog {
             tx.execute(
                 &format!(
                     "INSERT INTO artifacts ({ARTIFACT_COLUMNS}, stem) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL, ?16)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL, ?17, ?16)"
                 ),
                 params![
                     uid,
@@ -295,6 +299,7 @@ impl CatalogStore for SqliteCatalog {
                     new.managed,
                     new.trusted,
                     stem,
+                    new.arrow_schema,
                 ],
             )?;
             let record = artifact_where(tx, "uid = ?1", [&uid])?
@@ -522,6 +527,7 @@ mod tests {
             path: format!("file:///tmp/{key}"),
             managed: false,
             trusted: false,
+            arrow_schema: None,
         }
     }
 

@@ -85,6 +85,8 @@ pub struct Opened {
 pub struct Inspection {
     pub otype: Option<String>,
     pub n_observations: Option<u64>,
+    /// The table's schema, kept in the catalog for listings.
+    pub schema: Option<arrow::datatypes::SchemaRef>,
 }
 
 /// A readable format.
@@ -131,6 +133,7 @@ pub trait Format: Send + Sync {
         Ok(Inspection {
             otype: Some("DataFrame".into()),
             n_observations: rows,
+            schema: Some(table.schema()),
         })
     }
 }

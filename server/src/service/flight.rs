@@ -194,15 +194,24 @@ impl FlightHandler {
                 )
             }
         };
-        let schema = match sources {
-            Ok(sources) => match planner.union(&ctx, &sources, &OpenRequest::default()).await {
+        // Schemas recorded at registration answer without opening anything.
+        let recorded = sources.as_ref().ok().and_then(|sources| {
+            let schemas = sources
+                .iter()
+                .map(|s| s.schema().map(|schema| (s.key.clone(), schema)))
+                .collect::<Option<Vec<_>>>()?;
+            crate::query::unify_schemas(&schemas).ok()
+        });
+        let schema = match (recorded, sources) {
+            (Some(schema), _) => schema,
+            (None, Ok(sources)) => match planner.union(&ctx, &sources, &OpenRequest::default()).await {
                 Ok(opened) => opened.table.schema(),
                 Err(e) => {
                     tracing::warn!(key = entry.key(), error = %e, "cannot open for listing");
                     std::sync::Arc::new(Schema::empty())
                 }
             },
-            Err(_) => std::sync::Arc::new(Schema::empty()),
+            (None, Err(_)) => std::sync::Arc::new(Schema::empty()),
         };
         let info = FlightInfo::new()
             .with_descriptor(FlightDescriptor::new_path(vec![entry.key().to_string()]))

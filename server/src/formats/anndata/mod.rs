@@ -183,16 +183,14 @@ impl Format for AnnData {
                 Kind::AnnData => ("AnnData", String::new()),
                 Kind::SpatialData(tables) => ("SpatialData", array::join("tables", &tables[0])),
                 Kind::Generic => {
-                    return Ok(Inspection {
-                        otype: None,
-                        n_observations: None,
-                    });
+                    return Ok(Inspection::default());
                 }
             };
             let n_obs = structure::shape(store.as_ref(), &root)?.map(|s| s[0]);
             Ok(Inspection {
                 otype: Some(otype.to_string()),
                 n_observations: n_obs,
+                schema: None,
             })
         })
         .await
