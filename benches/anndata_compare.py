@@ -186,7 +186,9 @@ def run(args) -> list[Row]:
         url = proc.stdout.readline().split()[-1]
         client = flight.connect(url)
         for (kind, fmt), path in files.items():
-            key = f"bench-{kind}.{fmt}"
+            # The data's own name in the key: content registered before keeps its old version's
+            # place, so a shared key could name another size's file.
+            key = f"{path.parent.name}-{kind}.{fmt}"
             body = json.dumps({"path": str(path), "key": key}).encode()
             list(client.do_action(flight.Action("register", body)))
             # Warm the page cache, and check that both readers agree.
@@ -204,7 +206,7 @@ def run(args) -> list[Row]:
         before = peak_rss_mb(proc.pid)
         streams = []
         for fmt in ["h5ad", "zarr"]:
-            secs, n_rows, nbytes = full_stream(url, f"bench-dense.{fmt}")
+            secs, n_rows, nbytes = full_stream(url, f"{root.name}-dense.{fmt}")
             assert n_rows == args.n_obs, (fmt, n_rows)
             streams.append((fmt, secs, nbytes, peak_rss_mb(proc.pid)))
     finally:

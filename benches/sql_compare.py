@@ -77,11 +77,15 @@ def run(args) -> list[Row]:
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
     proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data-sql", folder)
     rows = []
+    queries_run = {}
     try:
-        register(url, folder, "scan")
+        # The data's own name as key: see compare.KEY. DuckDB's view takes the same name.
+        register(url, folder, folder.name)
+        for name, sql in queries(args.rows).items():
+            queries_run[name] = sql.replace("FROM scan", f'FROM "{folder.name}"')
         duck = duckdb.connect()
         duck.execute(
-            "CREATE VIEW scan AS SELECT * FROM "
+            f'CREATE VIEW "{folder.name}" AS SELECT * FROM '
             f"read_parquet('{folder}/**/*.parquet', hive_partitioning = true)"
         )
         with flight_sql.connect(url, autocommit=True) as conn, conn.cursor() as cursor:
@@ -89,7 +93,7 @@ def run(args) -> list[Row]:
                 cursor.execute(sql)
                 return cursor.fetch_arrow_table()
 
-            for name, sql in queries(args.rows).items():
+            for name, sql in queries_run.items():
                 same(ours(sql), duck.sql(sql).to_arrow_table(), name)  # also warms both
                 theirs_s, _ = timed(lambda: duck.sql(sql).to_arrow_table(), args.repeat)
                 ours_s, table = timed(lambda: ours(sql), args.repeat)

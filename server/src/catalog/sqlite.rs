@@ -14,7 +14,8 @@ use super::{
 use crate::error::{Error, Result};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE artifacts (
     uid            TEXT PRIMARY KEY,
     stem           TEXT NOT NULL,
@@ -59,9 +60,11 @@ CREATE TABLE collection_members (
     artifact_uid   TEXT NOT NULL REFERENCES artifacts(uid),
     PRIMARY KEY (collection_uid, position)
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE artifacts ADD COLUMN arrow_schema BLOB;
-"#];
+"#,
+];
 
 const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
      n_observations, version, is_latest, created_at, storage, path, managed, trusted, trashed_at, \

@@ -204,13 +204,15 @@ impl FlightHandler {
         });
         let schema = match (recorded, sources) {
             (Some(schema), _) => schema,
-            (None, Ok(sources)) => match planner.union(&ctx, &sources, &OpenRequest::default()).await {
-                Ok(opened) => opened.table.schema(),
-                Err(e) => {
-                    tracing::warn!(key = entry.key(), error = %e, "cannot open for listing");
-                    std::sync::Arc::new(Schema::empty())
+            (None, Ok(sources)) => {
+                match planner.union(&ctx, &sources, &OpenRequest::default()).await {
+                    Ok(opened) => opened.table.schema(),
+                    Err(e) => {
+                        tracing::warn!(key = entry.key(), error = %e, "cannot open for listing");
+                        std::sync::Arc::new(Schema::empty())
+                    }
                 }
-            },
+            }
             (None, Err(_)) => std::sync::Arc::new(Schema::empty()),
         };
         let info = FlightInfo::new()
