@@ -175,7 +175,7 @@ def main():
 
 def run(args) -> list[Row]:
     files = make_data(pathlib.Path(args.data), args.n_obs, args.n_vars, args.density, args.chunk_rows)
-    data_dir = pathlib.Path(args.data) / "artiflight-data-anndata"
+    data_dir = pathlib.Path(args.data) / f"artiflight-data-{next(iter(files.values())).parent.name}"
     root = next(iter(files.values())).parent
     proc = subprocess.Popen(
         [args.binary, "serve", "--addr", "127.0.0.1:0", "--data-dir", str(data_dir), "--allow-root", str(root)],
@@ -186,8 +186,8 @@ def run(args) -> list[Row]:
         url = proc.stdout.readline().split()[-1]
         client = flight.connect(url)
         for (kind, fmt), path in files.items():
-            # The data's own name in the key: content registered before keeps its old version's
-            # place, so a shared key could name another size's file.
+            # The data's own name in the key and the data dir: registering content a catalog
+            # already holds returns its first record, under whatever key it had then.
             key = f"{path.parent.name}-{kind}.{fmt}"
             body = json.dumps({"path": str(path), "key": key}).encode()
             list(client.do_action(flight.Action("register", body)))

@@ -33,8 +33,8 @@ from common import (DEFAULT_BINARY, DEFAULT_DATA, REPO, Row, best, peak_rss_mb, 
                     print_rows, register, serve, stop)
 
 PROJECTED = ["id", "c", "h"]
-# Registered under the data's own name: content registered before keeps its old version's place,
-# so a shared key could name another size's data.
+# The data's own name. Each data set gets its own server data dir too: registering content that a
+# catalog already holds returns its first record, under whatever key it was registered then.
 KEY = "scan"
 
 
@@ -213,7 +213,7 @@ def concurrent(url: str, scan, filt, clients: int, seconds: float) -> dict:
 
 def run(args) -> list[Row]:
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data", folder)
+    proc, url = serve(args.binary, pathlib.Path(args.data) / f"artiflight-data-{folder.name}", folder)
     global KEY
     KEY = folder.name
     rows: list[Row] = []

@@ -75,11 +75,11 @@ def timed(fn, repeat: int) -> tuple[float, pa.Table]:
 
 def run(args) -> list[Row]:
     folder = make_data(pathlib.Path(args.data), args.rows, args.shards)
-    proc, url = serve(args.binary, pathlib.Path(args.data) / "artiflight-data-sql", folder)
+    proc, url = serve(args.binary, pathlib.Path(args.data) / f"artiflight-data-sql-{folder.name}", folder)
     rows = []
     queries_run = {}
     try:
-        # The data's own name as key: see compare.KEY. DuckDB's view takes the same name.
+        # The data's own name as key and data dir: see compare.KEY. DuckDB's view takes the same name.
         register(url, folder, folder.name)
         for name, sql in queries(args.rows).items():
             queries_run[name] = sql.replace("FROM scan", f'FROM "{folder.name}"')
