@@ -183,7 +183,6 @@ impl FlightHandler {
     /// A listing entry: schema and counts where they come cheaply, the record as metadata.
     async fn list_entry(&self, entry: Entry) -> FlightInfo {
         let planner = self.registry.planner();
-        let ctx = planner.session();
         let (sources, rows) = match &entry {
             Entry::Artifact(a) => (Ok(vec![a.clone()]), a.n_observations),
             Entry::Collection(c) => {
@@ -204,7 +203,9 @@ impl FlightHandler {
         });
         let schema = match (recorded, sources) {
             (Some(schema), _) => schema,
+            // A session costs its function registry: made only when something must be opened.
             (None, Ok(sources)) => {
+                let ctx = planner.session();
                 match planner.union(&ctx, &sources, &OpenRequest::default()).await {
                     Ok(opened) => opened.table.schema(),
                     Err(e) => {
