@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: libhdf5-dev for the HDF5 reader (hdf5-metno finds it without configuration).
-apt_packages=(libhdf5-dev pkg-config)
+# System packages: libhdf5-dev for the HDF5 reader (hdf5-metno finds it without configuration);
+# openssl makes the certificates of the TLS tests.
+apt_packages=(libhdf5-dev pkg-config openssl)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

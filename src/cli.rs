@@ -7,7 +7,11 @@ use anyhow::{Context, Result, bail};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use artiflight_client::{Client, Request};
+use std::time::Duration;
+
+use artiflight_server::auth::{Role, Token};
 use artiflight_server::catalog::{Entry, RecordFilter};
+use artiflight_server::service::{Limits, Tls, parse_duration};
 use artiflight_server::{Server, ServerOptions};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
@@ -39,6 +43,12 @@ struct Global {
     /// other commands use the catalog directly unless it is given.
     #[arg(long, global = true, env = "ARTIFLIGHT_SERVER")]
     server: Option<String>,
+    /// Token to send to a server that runs with --auth (`artiflight token create`).
+    #[arg(long, global = true, env = "ARTIFLIGHT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file of certificates to trust when the server URL is grpc+tls://.
+    #[arg(long, global = true, env = "ARTIFLIGHT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +93,25 @@ enum Command {
         #[arg(long, env = "ARTIFLIGHT_PERMANENT")]
         permanent: bool,
     },
+    /// Manage the bearer tokens of `serve --auth` (kept hashed in the catalog).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Make a token; it is printed once, alone on the last line.
+    Create {
+        /// The token's name: the user name in basic auth.
+        name: String,
+        /// `read` lists, describes and reads; `write` also uploads, registers and deletes.
+        #[arg(long, default_value = "read")]
+        role: String,
+    },
+    /// List tokens by name and role (never the tokens themselves).
+    List,
+    /// Revoke a token; a running server refuses it within seconds.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +144,39 @@ struct Serve {
     /// How many partitions (endpoints) a scan may split into; default: the number of cores.
     #[arg(long, env = "ARTIFLIGHT_TARGET_PARTITIONS")]
     target_partitions: Option<usize>,
+    /// Require a token (`artiflight token create`) on every call but the Handshake.
+    #[arg(long, env = "ARTIFLIGHT_AUTH")]
+    auth: bool,
+    /// Listen on a non-loopback address without --auth anyway.
+    #[arg(long, env = "ARTIFLIGHT_INSECURE")]
+    insecure: bool,
+    /// PEM certificate chain: serve TLS (grpc+tls://) with --tls-key.
+    #[arg(long, env = "ARTIFLIGHT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ARTIFLIGHT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Concurrent DoGet streams (0: no limit); further DoGets wait up to --queue-timeout.
+    #[arg(long, env = "ARTIFLIGHT_MAX_STREAMS", default_value_t = 128)]
+    max_streams: usize,
+    /// How long a DoGet waits for a stream slot before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ARTIFLIGHT_QUEUE_TIMEOUT", default_value = "30s")]
+    queue_timeout: String,
+    /// Largest message a client may send, e.g. 256MiB.
+    #[arg(long, env = "ARTIFLIGHT_MAX_MESSAGE_SIZE", default_value = "256MiB")]
+    max_message_size: String,
+    /// Rows one DoGet may send (no limit by default).
+    #[arg(long, env = "ARTIFLIGHT_MAX_ROWS")]
+    max_rows: Option<u64>,
+    /// Bytes one DoGet may send, e.g. 10GiB (no limit by default).
+    #[arg(long, env = "ARTIFLIGHT_MAX_BYTES")]
+    max_bytes: Option<String>,
+    /// Time to answer a call or start a stream (0: none); uploads are not bounded by it.
+    #[arg(long, env = "ARTIFLIGHT_REQUEST_TIMEOUT", default_value = "300s")]
+    request_timeout: String,
+    /// After SIGTERM, how long running streams may finish before they are ended.
+    #[arg(long, env = "ARTIFLIGHT_SHUTDOWN_GRACE", default_value = "10s")]
+    shutdown_grace: String,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +207,69 @@ fn options(global: &Global) -> ServerOptions {
     ServerOptions::new(&global.data_dir)
 }
 
+/// Connects to `url` with the global token and trusted certificates.
+async fn connect(global: &Global, url: &str) -> Result<Client> {
+    let ca_pem = match &global.tls_ca {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading --tls-ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let options = artiflight_client::Options {
+        token: global.token.clone(),
+        ca_pem,
+    };
+    Ok(Client::connect_with(url, &options).await?)
+}
+
+/// The limits `serve` was given.
+fn limits(serve: &Serve) -> Result<Limits> {
+    let duration = |flag: &str, text: &str| -> Result<Option<Duration>> {
+        let d = parse_duration(text).with_context(|| format!("--{flag}"))?;
+        Ok((!d.is_zero()).then_some(d))
+    };
+    let max_message = parse_size(&serve.max_message_size).context("--max-message-size")?;
+    Ok(Limits {
+        max_streams: (serve.max_streams > 0).then_some(serve.max_streams),
+        queue_timeout: duration("queue-timeout", &serve.queue_timeout)?.unwrap_or_default(),
+        max_message_bytes: usize::try_from(max_message).unwrap_or(usize::MAX),
+        max_rows: serve.max_rows,
+        max_bytes: serve
+            .max_bytes
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .context("--max-bytes")?,
+        request_timeout: duration("request-timeout", &serve.request_timeout)?,
+        shutdown_grace: duration("shutdown-grace", &serve.shutdown_grace)?.unwrap_or_default(),
+    })
+}
+
+/// Parses a size such as `4096`, `64KiB`, `256MiB`, `10GiB` (or `MB`, `GB`: powers of 1000).
+fn parse_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("invalid size '{text}': expected e.g. 256MiB"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => bail!("invalid size unit '{other}' in '{text}': use KiB, MiB or GiB"),
+    };
+    number
+        .checked_mul(scale)
+        .with_context(|| format!("size '{text}' is too large"))
+}
+
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     let global = &cli.global;
     match cli.command {
@@ -156,7 +281,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         } => {
             let record = match &global.server {
                 Some(url) => {
-                    Client::connect(url)
+                    connect(global, url)
                         .await?
                         .action(
                             "register",
@@ -182,7 +307,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         }) => {
             let record = match &global.server {
                 Some(url) => {
-                    Client::connect(url)
+                    connect(global, url)
                         .await?
                         .action(
                             "create_collection",
@@ -208,7 +333,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let records: Vec<Value> = match &global.server {
-                Some(url) => Client::connect(url)
+                Some(url) => connect(global, url)
                     .await?
                     .list(Some(serde_json::to_value(&filter)?))
                     .await?
@@ -230,6 +355,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             print_listing(&records);
             Ok(())
         }
+        Command::Token(command) => run_token(global, command).await,
         Command::Show { key, version } => run_show(global, &key, version).await,
         Command::Get(get) => run_get(global, get).await,
         Command::Delete {
@@ -239,7 +365,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         } => {
             let deleted = match &global.server {
                 Some(url) => {
-                    Client::connect(url)
+                    connect(global, url)
                         .await?
                         .action(
                             "delete",
@@ -258,11 +384,55 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+async fn run_token(global: &Global, command: TokenCommand) -> Result<()> {
+    let server = Server::open(&options(global))?;
+    let catalog = server.planner().catalog().clone();
+    match command {
+        TokenCommand::Create { name, role } => {
+            let role: Role = role.parse()?;
+            let token = Token::generate();
+            let hash = token.hash();
+            let record = catalog
+                .run(move |c| c.create_token(&name, role, &hash))
+                .await?;
+            eprintln!(
+                "created token '{}' (role {}); it is shown once, here:",
+                record.name,
+                record.role.as_str()
+            );
+            // Alone on the last line, so that scripts can take it with `tail -n 1`.
+            println!("{}", token.secret());
+        }
+        TokenCommand::List => {
+            let tokens = catalog.run(|c| c.tokens()).await?;
+            println!("{:<32} {:<6} {:<24}", "name", "role", "created_at");
+            for t in tokens {
+                println!("{:<32} {:<6} {:<24}", t.name, t.role.as_str(), t.created_at);
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            let record = catalog.run(move |c| c.revoke_token(&name)).await?;
+            println!("revoked token '{}'", record.name);
+        }
+    }
+    Ok(())
+}
+
 async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
     let mut opts = options(global);
+    opts.limits = limits(&serve)?;
     opts.allow_roots = serve.allow_roots;
     if let Some(n) = serve.target_partitions {
         opts.target_partitions = n;
+    }
+    opts.auth = serve.auth;
+    if let (Some(cert), Some(key)) = (&serve.tls_cert, &serve.tls_key) {
+        opts.tls = Some(Tls {
+            cert_pem: std::fs::read(cert)
+                .with_context(|| format!("reading --tls-cert {}", cert.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("reading --tls-key {}", key.display()))?,
+        });
     }
     let server = Server::open(&opts)?;
     if serve.demo {
@@ -270,14 +440,46 @@ async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
             .await
             .context("installing the demo data")?;
     }
+    // Checked before binding: a refused address is never listened on, not even for a moment.
+    if !serve.auth && !serve.insecure {
+        let addrs = tokio::net::lookup_host(&serve.addr)
+            .await
+            .with_context(|| format!("cannot resolve --addr {}", serve.addr))?;
+        if let Some(open) = addrs.into_iter().find(|a| !a.ip().is_loopback()) {
+            bail!(
+                "refusing to listen on {open} without --auth: anyone who reaches it could read \
+                 every artifact. Create a token (`artiflight token create NAME --role read`) and \
+                 serve with --auth, or pass --insecure to serve without authentication anyway"
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(&serve.addr)
         .await
         .with_context(|| format!("cannot listen on {}", serve.addr))?;
     let addr = listener.local_addr()?;
+    if opts.auth
+        && server
+            .planner()
+            .catalog()
+            .run(|c| c.tokens())
+            .await?
+            .is_empty()
+    {
+        tracing::warn!(
+            "--auth is on but no token exists: create one with `artiflight token create`"
+        );
+    }
+    let scheme = if opts.tls.is_some() {
+        "grpc+tls"
+    } else {
+        "grpc"
+    };
     // Scripts and tests read this line to find the port when --addr ends in :0.
-    println!("artiflight listening on grpc://{addr}");
+    println!("artiflight listening on {scheme}://{addr}");
     tracing::info!(%addr, data_dir = %server.planner().storage().data_dir().display(), "serving");
     server.serve(listener, shutdown_signal()).await?;
+    // The catalog closes with the last handle on it, which checkpoints its write-ahead log.
+    drop(server);
     tracing::info!("stopped");
     Ok(())
 }
@@ -305,7 +507,7 @@ async fn shutdown_signal() {
 
 async fn run_show(global: &Global, key: &str, version: Option<String>) -> Result<()> {
     if let Some(url) = &global.server {
-        let record = Client::connect(url)
+        let record = connect(global, url)
             .await?
             .action("describe", json!({"key": key, "version": version}))
             .await?;
@@ -485,7 +687,7 @@ fn file_tree(paths: &[&str]) -> String {
 
 async fn run_get(global: &Global, get: Get) -> Result<()> {
     let url = global.server.as_deref().unwrap_or(DEFAULT_SERVER);
-    let client = Client::connect(url).await?;
+    let client = connect(global, url).await?;
     let mut request = Request::key(&get.key);
     if let Some(element) = &get.element {
         request = request.element(element.split('/'));

@@ -90,15 +90,50 @@ impl From<serde_json::Error> for Error {
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How to reach a server that asks for credentials or serves TLS.
+///
+/// ```no_run
+/// use artiflight_client::{Client, Options};
+/// # async fn example() -> Result<(), artiflight_client::Error> {
+/// let options = Options {
+///     token: Some(std::env::var("ARTIFLIGHT_TOKEN").unwrap_or_default()),
+///     ca_pem: Some(std::fs::read("ca.pem").unwrap_or_default()),
+/// };
+/// let client = Client::connect_with("grpc+tls://127.0.0.1:8815", &options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// A token (`artiflight token create`), sent as `authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// PEM certificates to trust for TLS, in addition to the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
 /// A connection to one artiflight server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     channel: Channel,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token stays out of logs.
+        f.debug_struct("Client")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
     /// Connects to `grpc://host:port` (also `http://`; `grpc+tls://` and `https://` for TLS).
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, &Options::default()).await
+    }
+
+    /// Connects with credentials or trusted certificates.
+    pub async fn connect_with(url: &str, options: &Options) -> Result<Self> {
         let http = if let Some(rest) = url.strip_prefix("grpc+tls://") {
             format!("https://{rest}")
         } else if let Some(rest) = url
@@ -109,20 +144,40 @@ impl Client {
         } else {
             url.to_string()
         };
-        let endpoint = Endpoint::from_shared(http).map_err(|e| Error::Connect {
+        let tls = http.starts_with("https://");
+        let mut endpoint = Endpoint::from_shared(http).map_err(|e| Error::Connect {
             url: url.to_string(),
             source: e,
         })?;
+        if tls {
+            let mut config = tonic::transport::ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &options.ca_pem {
+                config = config.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| Error::Connect {
+                url: url.to_string(),
+                source: e,
+            })?;
+        }
         let channel = endpoint.connect().await.map_err(|e| Error::Connect {
             url: url.to_string(),
             source: e,
         })?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            token: options.token.clone(),
+        })
     }
 
-    /// The underlying Flight client, for anything this crate does not wrap.
+    /// The underlying Flight client, for anything this crate does not wrap; it sends the token.
     pub fn flight(&self) -> FlightClient {
-        FlightClient::new(self.channel.clone())
+        let mut client = FlightClient::new(self.channel.clone());
+        if let Some(token) = &self.token {
+            // A token that is not a valid header value is sent as nothing: the server answers
+            // UNAUTHENTICATED, which says more than a local error would.
+            let _ = client.add_header("authorization", &format!("Bearer {token}"));
+        }
+        client
     }
 
     /// Latest artifacts and collections, optionally filtered by a record filter such as

@@ -21,6 +21,22 @@ pub enum Error {
     #[error("{0}")]
     PermissionDenied(String),
 
+    /// No credentials, or credentials that match no live token (when auth is on).
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// A limit of the server was reached: concurrent streams, rows or bytes per request.
+    #[error("{0}")]
+    ResourceExhausted(String),
+
+    /// The request took longer than the server allows (`--request-timeout`).
+    #[error("{0}")]
+    Timeout(String),
+
+    /// The server is shutting down and ended the request.
+    #[error("{0}")]
+    Unavailable(String),
+
     /// The catalog database failed.
     #[error("catalog: {0}")]
     Catalog(#[from] rusqlite::Error),

@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod catalog;
 pub mod error;
 pub mod formats;
@@ -31,7 +32,7 @@ use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::query::{Planner, session_config};
 use crate::registry::Registry;
-use crate::service::FlightHandler;
+use crate::service::{FlightHandler, Limits, Tls};
 use crate::storage::Storage;
 
 /// How to open a server's state.
@@ -43,6 +44,11 @@ pub struct ServerOptions {
     pub allow_roots: Vec<String>,
     /// How many partitions (and so endpoints) a scan may split into.
     pub target_partitions: usize,
+    /// Require a token on every call but the Handshake.
+    pub auth: bool,
+    /// Serve TLS with this identity.
+    pub tls: Option<Tls>,
+    pub limits: Limits,
 }
 
 impl ServerOptions {
@@ -53,6 +59,9 @@ impl ServerOptions {
             target_partitions: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .max(2),
+            auth: false,
+            tls: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -61,6 +70,7 @@ impl ServerOptions {
 #[derive(Clone)]
 pub struct Server {
     registry: Registry,
+    options: ServerOptions,
 }
 
 impl Server {
@@ -71,6 +81,7 @@ impl Server {
         let planner = Planner::new(catalog, storage, session_config(options.target_partitions));
         Ok(Self {
             registry: Registry::new(planner),
+            options: options.clone(),
         })
     }
 
@@ -88,11 +99,13 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        service::serve(
-            listener,
-            FlightHandler::new(self.registry.clone())?,
-            shutdown,
-        )
-        .await
+        // A crash (kill -9) mid-upload leaves files no record names: swept before serving.
+        self.registry.sweep_uploads().await;
+        let handler = FlightHandler::new(
+            self.registry.clone(),
+            self.options.auth,
+            self.options.limits.clone(),
+        )?;
+        service::serve(listener, handler, self.options.tls.as_ref(), shutdown).await
     }
 }

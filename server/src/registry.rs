@@ -14,6 +14,14 @@ use crate::error::{Error, Result, guard_reader};
 use crate::formats::{self, Request};
 use crate::query::{Planner, unify_schemas};
 
+/// Files being written into managed storage start with this, until they are complete.
+const UPLOAD_PREFIX: &str = ".upload-";
+
+/// Every upload holds this file locked shared until its record is committed; a sweep takes it
+/// exclusively, so it never removes what a running upload (of any process) is about to register.
+/// The kernel drops the lock of a killed process, so a crash never blocks the next sweep.
+const UPLOADS_LOCK: &str = ".uploads.lock";
+
 /// Writes to the catalog and managed storage.
 #[derive(Clone)]
 pub struct Registry {
@@ -68,6 +76,7 @@ impl Registry {
         let located = storage.locate(&url).await?;
         let suffix = formats::artifact_suffix(&located);
         let format = formats::format_for(&located, &suffix)?;
+        self.planner.use_store(&located);
         let ctx = self.planner.session();
         let inspection = guard_reader(&url, format.inspect(&ctx, &located)).await?;
         let hash = storage.hash(&located).await?;
@@ -143,8 +152,12 @@ impl Registry {
         S: Stream<Item = Result<RecordBatch>> + Unpin,
     {
         check_key(key)?;
+        let _lease = self.upload_lease().await?;
         let dir = self.planner.storage().managed_dir();
-        let upload = dir.join(format!(".upload-{:016x}.parquet", rand::random::<u64>()));
+        let upload = dir.join(format!(
+            "{UPLOAD_PREFIX}{:016x}.parquet",
+            rand::random::<u64>()
+        ));
         let written = async {
             let file = tokio::fs::File::create(&upload)
                 .await
@@ -246,8 +259,12 @@ impl Registry {
                 values.len()
             )));
         }
+        let _lease = self.upload_lease().await?;
         let dir = self.planner.storage().managed_dir();
-        let upload = dir.join(format!(".upload-{:016x}.zarr", rand::random::<u64>()));
+        let upload = dir.join(format!(
+            "{UPLOAD_PREFIX}{:016x}.zarr",
+            rand::random::<u64>()
+        ));
         let (from, to, frame, column) = (
             source.clone(),
             upload.clone(),
@@ -280,6 +297,93 @@ impl Registry {
             .map_err(|_| Error::Internal(format!("bad managed path {}", target.display())))?;
         self.register_url(url, key, record.description.clone(), true, true)
             .await
+    }
+
+    /// Holds off sweeps while an upload is written and registered.
+    async fn upload_lease(&self) -> Result<std::fs::File> {
+        let path = self.planner.storage().managed_dir().join(UPLOADS_LOCK);
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(path.display(), e))?;
+            file.lock_shared()
+                .map_err(|e| Error::io(path.display(), e))?;
+            Ok(file)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("upload lease failed: {e}")))?
+    }
+
+    /// Removes what a crashed upload left in managed storage: partial `.upload-*` files, and
+    /// complete files whose record was never committed. Skipped (and logged) while another
+    /// process is uploading into the same data dir. Returns how many entries were removed.
+    pub async fn sweep_uploads(&self) -> usize {
+        let catalog = self.planner.catalog().clone();
+        let dir = self.planner.storage().managed_dir();
+        let swept = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let lock_path = dir.join(UPLOADS_LOCK);
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| Error::io(lock_path.display(), e))?;
+            match lock.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::info!("another process is uploading: managed storage not swept");
+                    return Ok(0);
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path.display(), e)),
+            }
+            let used: std::collections::HashSet<std::ffi::OsString> = catalog
+                .store()
+                .managed_paths()?
+                .iter()
+                .filter_map(|p| Url::parse(p).ok()?.to_file_path().ok())
+                .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+                .collect();
+            let mut removed = 0;
+            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(dir.display(), e))? {
+                let entry = entry.map_err(|e| Error::io(dir.display(), e))?;
+                let name = entry.file_name();
+                let text = name.to_string_lossy();
+                let orphan = text.starts_with(UPLOAD_PREFIX)
+                    || (!text.starts_with('.') && !used.contains(&name));
+                if !orphan {
+                    continue;
+                }
+                let path = entry.path();
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match gone {
+                    Ok(()) => {
+                        tracing::info!(file = %path.display(), "removed a crashed upload");
+                        removed += 1;
+                    }
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove a crashed upload"),
+                }
+            }
+            Ok(removed)
+        })
+        .await;
+        match swept {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "managed storage not swept");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "managed storage not swept");
+                0
+            }
+        }
     }
 
     /// Trashes or deletes one version or all versions of `key`; managed files no record uses

@@ -27,11 +27,34 @@ pub(crate) struct TestServer {
     pub(crate) server: Server,
     pub(crate) dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Ends when `serve` returns, with its result.
+    pub(crate) served: Option<tokio::task::JoinHandle<artiflight_server::error::Result<()>>>,
 }
 
 impl TestServer {
     pub(crate) async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        Self::start_in(tempfile::tempdir()?).await
+        Self::start_in(tempfile::tempdir()?, |_| {}).await
+    }
+
+    /// A server whose options `configure` changes first (auth, limits).
+    pub(crate) async fn start_with(
+        configure: impl FnOnce(&mut ServerOptions),
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_in(tempfile::tempdir()?, configure).await
+    }
+
+    /// Asks the server to shut down, as SIGTERM does, and waits for `serve` to return.
+    pub(crate) async fn shutdown(
+        mut self,
+    ) -> Result<std::time::Duration, Box<dyn std::error::Error + Send + Sync>> {
+        let started = std::time::Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            tokio::time::timeout(std::time::Duration::from_secs(30), served).await???;
+        }
+        Ok(started.elapsed())
     }
 
     /// Stops this server and starts a new one on the same data dir and files.
@@ -40,33 +63,36 @@ impl TestServer {
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
         drop(self);
-        Self::start_in(dir).await
+        Self::start_in(dir, |_| {}).await
     }
 
     async fn start_in(
         dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut ServerOptions),
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let mut options = ServerOptions::new(dir.path().join("data"));
         options.allow_roots = vec![dir.path().display().to_string()];
         // Endpoint counts follow the partitions: fixed, so tests do not depend on the machine.
         options.target_partitions = 2;
+        configure(&mut options);
         let server = Server::open(&options)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("grpc://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = server.clone();
-        tokio::spawn(async move {
-            let _ = running
+        let served = tokio::spawn(async move {
+            running
                 .serve(listener, async {
                     let _ = stopped.await;
                 })
-                .await;
+                .await
         });
         Ok(Self {
             url,
             server,
             dir,
             stop: Some(stop),
+            served: Some(served),
         })
     }
 

@@ -6,4 +6,6 @@ mod common;
 mod errors;
 mod flight;
 mod flight_sql;
+mod fuzz;
 mod pushdown;
+mod security;

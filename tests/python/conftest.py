@@ -5,6 +5,7 @@ import pathlib
 import shutil
 import subprocess
 import threading
+import time
 
 import pyarrow.flight as flight
 import pytest
@@ -22,22 +23,26 @@ def binary() -> str:
 
 
 class Server:
-    def __init__(self, tmp: pathlib.Path, *args: str):
+    def __init__(self, tmp: pathlib.Path, *args: str, env: dict | None = None):
         self.tmp = tmp
         self.data_dir = tmp / "data"
         self.files = tmp / "files"
         self.files.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: a pipe nobody reads fills up and stops a talkative server.
+        self.log_path = tmp / f"server-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [binary(), "serve", "--addr", "127.0.0.1:0", "--demo", "--data-dir", str(self.data_dir),
              # Endpoint counts follow the partitions: fixed, so tests do not depend on the machine.
              "--target-partitions", "2",
              "--allow-root", str(self.files), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=tmp,
+            env={**os.environ, **(env or {})},
         )
         line = self._first_line()
         if not line.startswith("artiflight listening on "):
             self.stop()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.proc.stderr.read()}")
+            raise RuntimeError(f"server did not start: {line!r}\n{self.stderr()}")
         self.url = line.split()[-1]
 
     def _first_line(self) -> str:
@@ -46,6 +51,10 @@ class Server:
         reader.start()
         reader.join(START_TIMEOUT_S)
         return result[0].strip() if result else ""
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
 
     def client(self) -> flight.FlightClient:
         return flight.connect(self.url)
@@ -57,6 +66,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        self.log.close()
 
 
 @pytest.fixture(scope="session")

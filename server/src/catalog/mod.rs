@@ -55,17 +55,20 @@ pub struct ArtifactRecord {
 impl ArtifactRecord {
     /// The schema recorded at registration, if any.
     pub fn schema(&self) -> Option<arrow::datatypes::SchemaRef> {
-        let bytes = self.arrow_schema.as_deref()?;
-        let reader = arrow::ipc::reader::StreamReader::try_new(bytes, None).ok()?;
-        Some(reader.schema())
+        let bytes = self.arrow_schema.clone()?;
+        let schema = arrow::datatypes::Schema::try_from(arrow_flight::IpcMessage(bytes.into()));
+        schema.ok().map(std::sync::Arc::new)
     }
 }
 
-/// A schema as the bytes [`ArtifactRecord::schema`] reads: an Arrow IPC stream without batches.
+/// A schema as the bytes [`ArtifactRecord::schema`] reads: the encapsulated IPC message that a
+/// `FlightInfo` carries, so that a listing sends the recorded bytes as they are.
 pub fn encode_schema(schema: &arrow::datatypes::Schema) -> Option<Vec<u8>> {
-    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema).ok()?;
-    writer.finish().ok()?;
-    writer.into_inner().ok()
+    let options = arrow::ipc::writer::IpcWriteOptions::default();
+    let message: arrow_flight::IpcMessage = arrow_flight::SchemaAsIpc::new(schema, &options)
+        .try_into()
+        .ok()?;
+    Some(message.0.to_vec())
 }
 
 /// An ordered list of artifacts under a key; its table is the union of its members' tables.
@@ -173,6 +176,16 @@ pub struct NewArtifact {
     pub arrow_schema: Option<Vec<u8>>,
 }
 
+/// A bearer token as the catalog keeps it: its name, role and hash (never the token itself).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: crate::auth::Role,
+    #[serde(skip)]
+    pub hash: String,
+    pub created_at: String,
+}
+
 /// The outcome of a delete: what was removed or trashed, and managed files now safe to remove.
 #[derive(Debug, Clone)]
 pub struct Deleted {
@@ -201,6 +214,14 @@ pub trait CatalogStore: Send + Sync {
     fn versions(&self, key: &str) -> Result<Vec<Entry>>;
     /// Trashes (or with `permanent`, deletes) one version, or every version of the key.
     fn delete(&self, key: &str, uid: Option<&str>, permanent: bool) -> Result<Deleted>;
+    /// Every path that a managed artifact record uses, trashed ones included.
+    fn managed_paths(&self) -> Result<Vec<String>>;
+    /// Stores a new token's hash under a name not yet in use.
+    fn create_token(&self, name: &str, role: crate::auth::Role, hash: &str) -> Result<TokenRecord>;
+    /// The live tokens, by name.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Deletes the token `name`; it stops working at once.
+    fn revoke_token(&self, name: &str) -> Result<TokenRecord>;
 }
 
 /// A cheap, cloneable handle on a catalog store.

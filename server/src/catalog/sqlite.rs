@@ -10,7 +10,9 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::{
     ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
+    TokenRecord,
 };
+use crate::auth::Role;
 use crate::error::{Error, Result};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -63,6 +65,14 @@ CREATE TABLE collection_members (
 "#,
     r#"
 ALTER TABLE artifacts ADD COLUMN arrow_schema BLOB;
+"#,
+    r#"
+CREATE TABLE tokens (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL CHECK (role IN ('read', 'write')),
+    hash       TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL
+);
 "#,
 ];
 
@@ -510,6 +520,93 @@ impl CatalogStore for SqliteCatalog {
             Ok(deleted)
         })
     }
+
+    fn managed_paths(&self) -> Result<Vec<String>> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT DISTINCT path FROM artifacts WHERE managed = 1")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+    }
+
+    fn create_token(&self, name: &str, role: Role, hash: &str) -> Result<TokenRecord> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == ':') {
+            return Err(Error::invalid(format!(
+                "invalid token name {name:?}: expected 1 to 128 printable characters without ':'"
+            )));
+        }
+        self.write(|tx| {
+            let exists: Option<String> = tx
+                .query_row("SELECT name FROM tokens WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if exists.is_some() {
+                return Err(Error::invalid(format!(
+                    "a token named '{name}' exists; revoke it first or pick another name"
+                )));
+            }
+            let created_at = now();
+            tx.execute(
+                "INSERT INTO tokens (name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, role.as_str(), hash, created_at],
+            )?;
+            Ok(TokenRecord {
+                name: name.to_string(),
+                role,
+                hash: hash.to_string(),
+                created_at,
+            })
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name, role, hash, created_at FROM tokens ORDER BY name")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                ))
+            })?;
+            rows.map(|row| {
+                let (name, role, hash, created_at) = row?;
+                Ok(TokenRecord {
+                    name,
+                    role: role.parse()?,
+                    hash,
+                    created_at,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn revoke_token(&self, name: &str) -> Result<TokenRecord> {
+        self.write(|tx| {
+            let found = tx
+                .query_row(
+                    "SELECT role, hash, created_at FROM tokens WHERE name = ?1",
+                    [name],
+                    |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((role, hash, created_at)) = found else {
+                return Err(Error::not_found(format!("no token named '{name}'")));
+            };
+            tx.execute("DELETE FROM tokens WHERE name = ?1", [name])?;
+            Ok(TokenRecord {
+                name: name.to_string(),
+                role: role.parse()?,
+                hash,
+                created_at,
+            })
+        })
+    }
 }
 
 #[cfg(test)]
@@ -563,6 +660,32 @@ mod tests {
             panic!("not an artifact")
         };
         assert_eq!(latest.uid, v1.uid);
+        Ok(())
+    }
+
+    #[test]
+    fn tokens_are_kept_hashed_and_revocable() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let catalog = SqliteCatalog::open(&dir.path().join("catalog.sqlite"))?;
+        let t = catalog.create_token("ci", Role::Write, "hash-1")?;
+        assert_eq!((t.name.as_str(), t.role), ("ci", Role::Write));
+        assert!(matches!(
+            catalog.create_token("ci", Role::Read, "hash-2"),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            catalog.create_token("a:b", Role::Read, "hash-3"),
+            Err(Error::InvalidArgument(_))
+        ));
+        catalog.create_token("bi", Role::Read, "hash-4")?;
+        let names: Vec<String> = catalog.tokens()?.into_iter().map(|t| t.name).collect();
+        assert_eq!(names, ["bi", "ci"]);
+        assert_eq!(catalog.revoke_token("ci")?.hash, "hash-1");
+        assert!(matches!(
+            catalog.revoke_token("ci"),
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(catalog.tokens()?.len(), 1);
         Ok(())
     }
 

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::stats::Precision;
+use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::ViewTable;
 use datafusion::execution::TaskContext;
@@ -198,6 +199,15 @@ impl Planner {
         &self.storage
     }
 
+    /// Makes a remote artifact's object store known to DataFusion's runtime, which lists and
+    /// reads listing tables through it (local files need no registration).
+    pub fn use_store(&self, located: &crate::storage::Located) {
+        if located.url.scheme() != "file" {
+            self.runtime
+                .register_object_store(&located.url, Arc::clone(&located.store));
+        }
+    }
+
     /// A fresh session sharing the runtime (object stores, memory pool).
     pub fn session(&self) -> SessionContext {
         SessionContext::new_with_config_rt(self.config.clone(), Arc::clone(&self.runtime))
@@ -272,10 +282,7 @@ impl Planner {
             },
             other => other,
         })?;
-        if url.scheme() != "file" {
-            self.runtime
-                .register_object_store(&url, Arc::clone(&located.store));
-        }
+        self.use_store(&located);
         let format = formats::format_for(&located, &record.suffix)?;
         let location = format!("artifact '{}' at {}", record.key, record.path);
         guard_reader(location, format.open(ctx, &located, request)).await
@@ -394,7 +401,26 @@ pub(crate) fn apply_filter(ctx: &SessionContext, df: DataFrame, filter: &str) ->
         ))
     };
     let expr = ctx.parse_sql_expr(filter, df.schema()).map_err(invalid)?;
-    df.filter(expr).map_err(invalid)
+    // A filter is a whole expression: `$1` or `?` would fail only when executed, as if the
+    // server had erred (found by tests/e2e/fuzz.rs).
+    if expr
+        .exists(|e| Ok(matches!(e, Expr::Placeholder(_))))
+        .unwrap_or(false)
+    {
+        return Err(Error::invalid(format!(
+            "invalid filter '{filter}': parameters ($1, ?) are for Flight SQL prepared statements; \
+             write the value into the filter"
+        )));
+    }
+    let df = df.filter(expr).map_err(invalid)?;
+    // Types are coerced when the plan is analyzed, later, where a filter comparing a number with
+    // a struct or a boolean with a range would surface as DataFusion's internal error: check now.
+    let state = ctx.state();
+    state
+        .analyzer()
+        .execute_and_check(df.logical_plan().clone(), state.config_options(), |_, _| {})
+        .map_err(invalid)?;
+    Ok(df)
 }
 
 /// Projects `df` to `columns`, in that order; an unknown column is INVALID_ARGUMENT naming it.

@@ -29,6 +29,9 @@ pub(crate) const ACTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The actions that change the catalog or storage: they need a write token.
+pub(crate) const WRITES: &[&str] = &["register", "create_collection", "delete", "add_column"];
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AddColumn {

@@ -22,8 +22,11 @@ use serde_json::json;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::actions;
+use super::auth::Gate;
 use super::cancel::Cancels;
+use super::limits::{Governor, Limits};
 use super::sql::{self, SqlService, sql_message};
+use crate::auth::{Authenticator, Role};
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
 use crate::formats::{AnnData, Format, Request as OpenRequest};
@@ -53,6 +56,8 @@ pub struct FlightHandler {
     registry: Registry,
     sql: SqlService,
     cancels: Arc<Cancels>,
+    gate: Gate,
+    governor: Arc<Governor>,
 }
 
 /// Streams record batches as Flight data. Dictionaries are resent rather than hydrated, so that
@@ -82,13 +87,33 @@ pub(super) fn stream_partition(
 }
 
 impl FlightHandler {
-    pub fn new(registry: Registry) -> Result<Self> {
+    /// A handler over `registry`; with `auth`, every call but the Handshake needs a token.
+    pub fn new(registry: Registry, auth: bool, limits: Limits) -> Result<Self> {
         let cancels = Arc::new(Cancels::default());
+        let authenticator = auth.then(|| Authenticator::new(registry.planner().catalog().clone()));
         Ok(Self {
             sql: SqlService::new(registry.clone(), Arc::clone(&cancels))?,
             registry,
             cancels,
+            gate: Gate::new(authenticator),
+            governor: Arc::new(Governor::new(limits)),
         })
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.governor.limits
+    }
+
+    pub(super) fn governor(&self) -> Arc<Governor> {
+        Arc::clone(&self.governor)
+    }
+
+    /// Checks the caller's credentials for a call that needs `role`.
+    async fn allow<T>(&self, request: &Request<T>, role: Role, what: &str) -> Result<()> {
+        self.gate
+            .check(request.metadata(), role, what)
+            .await
+            .map(|_| ())
     }
 
     /// The Flight SQL command in a descriptor, if it holds one.
@@ -183,6 +208,22 @@ impl FlightHandler {
     /// A listing entry: schema and counts where they come cheaply, the record as metadata.
     async fn list_entry(&self, entry: Entry) -> FlightInfo {
         let planner = self.registry.planner();
+        let info = FlightInfo::new()
+            .with_descriptor(FlightDescriptor::new_path(vec![entry.key().to_string()]))
+            .with_total_bytes(-1)
+            .with_ordered(true)
+            // Straight to bytes: no intermediate JSON value per entry.
+            .with_app_metadata(serde_json::to_vec(&entry).unwrap_or_default());
+        // An artifact's recorded schema is already in FlightInfo's encoding: sent as it is.
+        if let Entry::Artifact(a) = &entry
+            && let Some(schema) = &a.arrow_schema
+        {
+            let rows = a.n_observations.and_then(|r| i64::try_from(r).ok());
+            return FlightInfo {
+                schema: schema.clone().into(),
+                ..info.with_total_records(rows.unwrap_or(-1))
+            };
+        }
         let (sources, rows) = match &entry {
             Entry::Artifact(a) => (Ok(vec![a.clone()]), a.n_observations),
             Entry::Collection(c) => {
@@ -216,16 +257,15 @@ impl FlightHandler {
             }
             (None, Err(_)) => std::sync::Arc::new(Schema::empty()),
         };
-        let info = FlightInfo::new()
-            .with_descriptor(FlightDescriptor::new_path(vec![entry.key().to_string()]))
-            .with_total_records(rows.and_then(|r| i64::try_from(r).ok()).unwrap_or(-1))
-            .with_total_bytes(-1)
-            .with_ordered(true)
-            .with_app_metadata(entry.to_json().to_string());
+        let info = info.with_total_records(rows.and_then(|r| i64::try_from(r).ok()).unwrap_or(-1));
         info.clone().try_with_schema(&schema).unwrap_or(info)
     }
 
     async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<PutBody> {
+        // Binding a prepared statement's parameters reads; anything else DoPut does writes, so
+        // the role is checked once the first message says which it is.
+        self.allow(&request, Role::Read, "DoPut").await?;
+        let metadata = request.metadata().clone();
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -240,6 +280,7 @@ impl FlightHandler {
             let data = stream::once(async { Ok(first) }).chain(input.map_err(FlightError::from));
             return self.put_sql(command, data.boxed()).await;
         }
+        self.gate.check(&metadata, Role::Write, "DoPut").await?;
         let (key, add_column) = match (
             DescriptorType::try_from(descriptor.r#type),
             descriptor.path.as_slice(),
@@ -351,23 +392,42 @@ impl FlightService for FlightHandler {
 
     async fn handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
+        let metadata = request.metadata().clone();
+        let mut input = request.into_inner();
+        // One request message at most is read: the legacy payload credentials, if any.
+        let payload = match self.governor.deadline(input.message()).await? {
+            Some(first) => first.payload,
+            None => bytes::Bytes::new(),
+        };
         // Without auth there is nothing to negotiate; answer so that clients that always
         // handshake can go on.
-        Ok(Response::new(one(HandshakeResponse::default())))
+        let token = self.gate.handshake(&metadata, &payload).await?;
+        let answer = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().map(bytes::Bytes::from).unwrap_or_default(),
+        };
+        let mut response = Response::new(one(answer));
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("token is not a valid header value"))?;
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
     }
 
     async fn list_flights(
         &self,
         request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.allow(&request, Role::Read, "ListFlights").await?;
         let filter = RecordFilter::from_json_bytes(&request.get_ref().expression)?;
+        let catalog = self.registry.planner().catalog();
         let entries = self
-            .registry
-            .planner()
-            .catalog()
-            .run(move |c| c.list(&filter))
+            .governor
+            .deadline(catalog.run(move |c| c.list(&filter)))
             .await?;
         let this = self.clone();
         let infos: BoxStream<'static, Result<FlightInfo, Status>> = stream::iter(entries)
@@ -383,21 +443,30 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.allow(&request, Role::Read, "GetFlightInfo").await?;
         if Self::sql_command(request.get_ref()).is_some() {
-            return self.sql.get_flight_info(request).await;
+            return self
+                .governor
+                .deadline(self.sql.get_flight_info(request))
+                .await;
         }
         let descriptor = request.into_inner();
-        let (command, resolved, planned) = self.plan(&descriptor).await?;
-        let structure = self.structure(&resolved).await;
-        Ok(Response::new(Self::flight_info(
-            descriptor, &command, &resolved, &planned, structure,
-        )?))
+        let info = self
+            .governor
+            .deadline(async {
+                let (command, resolved, planned) = self.plan(&descriptor).await?;
+                let structure = self.structure(&resolved).await;
+                Self::flight_info(descriptor.clone(), &command, &resolved, &planned, structure)
+            })
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn poll_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
+        self.allow(&request, Role::Read, "PollFlightInfo").await?;
         Err(Status::unimplemented(
             "PollFlightInfo: use GetFlightInfo, which answers at once",
         ))
@@ -407,10 +476,16 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        let schema = match Self::sql_command(request.get_ref()) {
-            Some(command) => self.sql.schema(command).await?,
-            None => self.plan(request.get_ref()).await?.2.schema(),
-        };
+        self.allow(&request, Role::Read, "GetSchema").await?;
+        let schema = self
+            .governor
+            .deadline(async {
+                match Self::sql_command(request.get_ref()) {
+                    Some(command) => self.sql.schema(command).await,
+                    None => Ok(self.plan(request.get_ref()).await?.2.schema()),
+                }
+            })
+            .await?;
         let result: SchemaResult = SchemaAsIpc::new(&schema, &IpcWriteOptions::default())
             .try_into()
             .map_err(|e| Status::internal(format!("cannot encode schema: {e}")))?;
@@ -421,23 +496,31 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
+        self.allow(&request, Role::Read, "DoGet").await?;
+        // The permit is taken before planning, so that waiting calls cost nothing but a queue slot.
+        let permit = self.governor.admit().await?;
         let ticket = request.get_ref().ticket.clone();
-        let stream = if sql_message(&ticket).is_some() {
-            self.sql.do_get(request).await?.into_inner()
-        } else {
-            let spec = TicketSpec::decode(&ticket)?;
-            let planner = self.registry.planner();
-            let sources = planner.sources(spec.uids.clone()).await?;
-            let planned = planner.plan(&spec.command, &sources).await?;
-            if planned.endpoint_count() != spec.partition_count {
-                return Err(Error::invalid(
-                    "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
-                )
-                .into());
-            }
-            stream_partition(&planned, spec.partition)?
-        };
-        Ok(Response::new(self.cancels.track(ticket, stream)?))
+        let stream = self
+            .governor
+            .deadline(async {
+                if sql_message(&ticket).is_some() {
+                    return Ok(self.sql.do_get(request).await?.into_inner());
+                }
+                let spec = TicketSpec::decode(&ticket)?;
+                let planner = self.registry.planner();
+                let sources = planner.sources(spec.uids.clone()).await?;
+                let planned = planner.plan(&spec.command, &sources).await?;
+                if planned.endpoint_count() != spec.partition_count {
+                    return Err(Error::invalid(
+                        "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
+                    )
+                    .into());
+                }
+                Ok::<_, Status>(stream_partition(&planned, spec.partition)?)
+            })
+            .await?;
+        let tracked = self.cancels.track(ticket, stream)?;
+        Ok(Response::new(self.governor.guard(tracked, permit)))
     }
 
     async fn do_put(
@@ -453,8 +536,9 @@ impl FlightService for FlightHandler {
 
     async fn do_exchange(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.allow(&request, Role::Read, "DoExchange").await?;
         Err(Status::unimplemented("DoExchange is not supported"))
     }
 
@@ -463,8 +547,15 @@ impl FlightService for FlightHandler {
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
         let kind = request.get_ref().r#type.as_str();
+        let role = if actions::WRITES.contains(&kind) {
+            Role::Write
+        } else {
+            Role::Read
+        };
+        self.allow(&request, role, &format!("the '{kind}' action"))
+            .await?;
         if sql::ACTIONS.contains(&kind) {
-            return self.sql.do_action(request).await;
+            return self.governor.deadline(self.sql.do_action(request)).await;
         }
         let action = request.into_inner();
         let body: bytes::Bytes = match action.r#type.as_str() {
@@ -475,7 +566,9 @@ impl FlightService for FlightHandler {
                 .into(),
             // An empty SetSessionOptionsResult (no option refused) or GetSessionOptionsResult.
             "SetSessionOptions" | "GetSessionOptions" => bytes::Bytes::new(),
-            kind => actions::run(&self.registry, kind, &action.body)
+            kind => self
+                .governor
+                .deadline(actions::run(&self.registry, kind, &action.body))
                 .await?
                 .to_string()
                 .into(),
@@ -487,6 +580,7 @@ impl FlightService for FlightHandler {
         &self,
         request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.allow(&request, Role::Read, "ListActions").await?;
         let ours = actions::ACTIONS
             .iter()
             .chain(FLIGHT_ACTIONS)

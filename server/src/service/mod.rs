@@ -1,9 +1,12 @@
 //! The gRPC edge: Arrow Flight and Flight SQL over tonic, on one port. Decodes descriptors and tickets,
-//! calls the query planner and the registry, and converts errors to statuses in one place.
+//! checks credentials and limits, calls the query planner and the registry, and converts errors to
+//! statuses in one place.
 
 mod actions;
+mod auth;
 mod cancel;
 mod flight;
+mod limits;
 mod sql;
 mod status;
 
@@ -15,21 +18,38 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use flight::FlightHandler;
+pub use limits::{Limits, parse_duration};
 
 use crate::error::{Error, Result};
 
-/// Largest message a client may send (DoPut batches).
-const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// A TLS identity: a certificate chain and its private key, both PEM.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
 
-/// Serves Flight on `listener` until `shutdown` resolves; in-flight streams are then finished.
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("Tls").finish_non_exhaustive()
+    }
+}
+
+/// Serves Flight on `listener` until `shutdown` resolves. Then no new calls are taken, running
+/// streams get the limits' shutdown grace to finish, and what is still running then is ended
+/// with UNAVAILABLE.
 pub async fn serve(
     listener: TcpListener,
     handler: FlightHandler,
+    tls: Option<&Tls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let max_message = handler.limits().max_message_bytes;
+    let governor = handler.governor();
     let service = FlightServiceServer::new(handler)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message.max(64 * 1024 * 1024));
     // Small answers (GetFlightInfo, actions, the end of a stream) must not wait for the peer's
     // delayed ACK: without TCP_NODELAY each costs about 40 ms.
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -40,9 +60,25 @@ pub async fn serve(
         }
         stream
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| Error::invalid(format!("cannot use the TLS certificate and key: {e}")))?;
+    }
+    let stopping = std::sync::Arc::clone(&governor);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing running streams");
+        stopping.stop();
+    };
+    let served = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("server failed: {e}")))
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::select! {
+        served = served => served.map_err(|e| Error::Internal(format!("server failed: {e}"))),
+        // Idle connections that a client keeps open do not hold the shutdown up.
+        () = governor.hard_stop() => Ok(()),
+    }
 }

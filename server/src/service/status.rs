@@ -15,6 +15,10 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::Unauthenticated(m) => Status::unauthenticated(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::Timeout(m) => Status::deadline_exceeded(m),
+            Error::Unavailable(m) => Status::unavailable(m),
             Error::DataLoss { .. } => {
                 tracing::error!(%error, "unreadable data");
                 Status::data_loss(error.to_string())
@@ -50,6 +54,9 @@ fn classify(error: DataFusionError) -> Status {
             Status::invalid_argument(message)
         }
         DataFusionError::ResourcesExhausted(_) => Status::resource_exhausted(message),
+        DataFusionError::ParquetError(e) if is_user_predicate_error(e) => {
+            Status::invalid_argument(message)
+        }
         DataFusionError::ParquetError(_) => {
             tracing::error!(error = %message, "corrupt parquet");
             Status::data_loss(message)
@@ -59,6 +66,24 @@ fn classify(error: DataFusionError) -> Status {
             Status::internal(message)
         }
     }
+}
+
+/// Whether a parquet read failed because the pushed-down filter could not be evaluated on the
+/// data: `cell_type IN (1, 2)` casts every cell type to a number. The parquet reader keeps only
+/// the text of the error it wraps (`Error evaluating filter predicate: ArrowError(CastError(..))`),
+/// so the cause is read from there; a corrupt file gives other messages.
+fn is_user_predicate_error(error: &parquet::errors::ParquetError) -> bool {
+    let text = error.to_string();
+    text.contains("Error evaluating filter predicate")
+        && [
+            "CastError(",
+            "ParseError(",
+            "InvalidArgumentError(",
+            "DivideByZero",
+            "ArithmeticOverflow(",
+        ]
+        .iter()
+        .any(|cause| text.contains(cause))
 }
 
 #[cfg(test)]

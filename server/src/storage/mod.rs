@@ -1,6 +1,8 @@
 //! Where artifacts live: object stores per root (local, s3, gs, az, http), the allowed roots that
 //! bound what a server may read, managed storage for uploads, listing and content hashing.
 
+mod aws_profile;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -381,8 +383,7 @@ fn build_store(url: &Url) -> Result<Arc<dyn ObjectStore>> {
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => Arc::new(LocalFileSystem::new()),
         "s3" | "s3a" => Arc::new(
-            object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url.as_str())
+            with_profile(object_store::aws::AmazonS3Builder::from_env().with_url(url.as_str()))
                 .build()
                 .map_err(config_error)?,
         ),
@@ -411,6 +412,37 @@ fn build_store(url: &Url) -> Result<Arc<dyn ObjectStore>> {
         }
     };
     Ok(store)
+}
+
+/// Fills from the AWS shared profile what the `AWS_*` environment leaves unset.
+fn with_profile(
+    mut builder: object_store::aws::AmazonS3Builder,
+) -> object_store::aws::AmazonS3Builder {
+    let Some(profile) = aws_profile::from_env() else {
+        return builder;
+    };
+    let unset = |keys: &[&str]| keys.iter().all(|k| std::env::var_os(k).is_none());
+    if unset(&["AWS_ACCESS_KEY_ID"])
+        && let (Some(id), Some(secret)) = (profile.access_key_id, profile.secret_access_key)
+    {
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+        if let Some(token) = profile.session_token {
+            builder = builder.with_token(token);
+        }
+    }
+    if unset(&["AWS_REGION", "AWS_DEFAULT_REGION"])
+        && let Some(region) = profile.region
+    {
+        builder = builder.with_region(region);
+    }
+    if unset(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"])
+        && let Some(endpoint) = profile.endpoint_url
+    {
+        builder = builder.with_endpoint(endpoint);
+    }
+    builder
 }
 
 /// Whether the URL names a zarr store (a folder whose name ends in `.zarr`).

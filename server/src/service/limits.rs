@@ -1,0 +1,255 @@
+//! What one client may take from the server: concurrent streams, rows and bytes per stream, time
+//! per request; and how streams end when the server shuts down.
+//!
+//! A DoGet holds its stream permit inside the stream it returns, so the permit is freed the moment
+//! the stream ends or its client goes away, whichever comes first.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arrow_flight::FlightData;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tonic::Status;
+
+use super::flight::FlightStream;
+use crate::error::{Error, Result};
+
+/// The server's limits (SPEC section 9). `None` means unlimited.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Concurrent DoGet streams; further DoGets wait up to `queue_timeout`.
+    pub max_streams: Option<usize>,
+    pub queue_timeout: Duration,
+    /// Largest gRPC message a client may send (DoPut batches) or receive.
+    pub max_message_bytes: usize,
+    /// Rows one DoGet stream may send.
+    pub max_rows: Option<u64>,
+    /// Bytes of Arrow data one DoGet stream may send.
+    pub max_bytes: Option<u64>,
+    /// Time to answer a call, or to start a DoGet stream (uploads are bounded by the client).
+    pub request_timeout: Option<Duration>,
+    /// After SIGTERM, how long running streams may go on before they are ended.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_streams: Some(128),
+            queue_timeout: Duration::from_secs(30),
+            max_message_bytes: 256 * 1024 * 1024,
+            max_rows: None,
+            max_bytes: None,
+            request_timeout: Some(Duration::from_secs(300)),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parses a duration such as `500ms`, `1s`, `2m` or `1h` (a bare number is seconds).
+///
+/// ```
+/// use std::time::Duration;
+/// use artiflight_server::service::parse_duration;
+/// assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+/// assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+/// assert!(parse_duration("soon").is_err());
+/// ```
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        Error::invalid(format!(
+            "invalid duration '{text}': expected e.g. 1s, 500ms"
+        ))
+    })?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(Error::invalid(format!(
+                "invalid duration unit '{other}' in '{text}': use ms, s, m or h"
+            )));
+        }
+    };
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| Error::invalid(format!("invalid duration '{text}'")))
+}
+
+/// The limits in force, the stream permits and the shutdown signal, shared by every call.
+pub(super) struct Governor {
+    pub(super) limits: Limits,
+    streams: Option<Arc<Semaphore>>,
+    stopping: watch::Sender<bool>,
+}
+
+impl Governor {
+    pub(super) fn new(limits: Limits) -> Self {
+        Self {
+            streams: limits
+                .max_streams
+                .map(|n| Arc::new(Semaphore::new(n.max(1)))),
+            limits,
+            stopping: watch::channel(false).0,
+        }
+    }
+
+    /// Waits for a stream permit, up to the queue timeout.
+    pub(super) async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>> {
+        let Some(streams) = &self.streams else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(
+            self.limits.queue_timeout,
+            Arc::clone(streams).acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) => Err(Error::Unavailable("the server is shutting down".into())),
+            Err(_) => Err(Error::ResourceExhausted(format!(
+                "{} streams are running, the server's limit (--max-streams); none ended within \
+                 {:?} (--queue-timeout): try again later",
+                self.limits.max_streams.unwrap_or_default(),
+                self.limits.queue_timeout
+            ))),
+        }
+    }
+
+    /// Runs `call` within the request timeout.
+    pub(super) async fn deadline<T, E: From<Error>>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        match self.limits.request_timeout {
+            None => call.await,
+            Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                Err(Error::Timeout(format!(
+                    "the request took longer than the server allows ({limit:?}, --request-timeout)"
+                ))
+                .into())
+            }),
+        }
+    }
+
+    /// Starts the shutdown: running streams get the grace period, then end.
+    pub(super) fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves `grace` after [`Governor::stop`].
+    fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        let grace = self.limits.shutdown_grace;
+        async move {
+            if stopping.wait_for(|stop| *stop).await.is_err() {
+                return std::future::pending().await;
+            }
+            tokio::time::sleep(grace).await;
+        }
+    }
+
+    /// Resolves once the grace period after a stop is over, and a little more: by then every
+    /// stream has ended, and a connection still open is not worth waiting for.
+    pub(super) fn hard_stop(&self) -> impl Future<Output = ()> + Send + 'static {
+        let ended = self.ended();
+        async move {
+            ended.await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    /// Wraps a DoGet stream: it holds `permit`, counts rows and bytes against the limits, and
+    /// ends with UNAVAILABLE when the shutdown grace is over.
+    pub(super) fn guard(
+        &self,
+        stream: FlightStream<FlightData>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> FlightStream<FlightData> {
+        Box::pin(Guarded {
+            stream: Some(stream),
+            ended: self.ended().boxed(),
+            _permit: permit,
+            max_rows: self.limits.max_rows,
+            max_bytes: self.limits.max_bytes,
+            rows: 0,
+            bytes: 0,
+        })
+    }
+}
+
+struct Guarded {
+    /// `None` once ended: the scan is dropped at once.
+    stream: Option<FlightStream<FlightData>>,
+    ended: Pin<Box<dyn Future<Output = ()> + Send>>,
+    _permit: Option<OwnedSemaphorePermit>,
+    max_rows: Option<u64>,
+    max_bytes: Option<u64>,
+    rows: u64,
+    bytes: u64,
+}
+
+impl Guarded {
+    fn end(&mut self, status: Status) -> Poll<Option<Result<FlightData, Status>>> {
+        self.stream = None;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+/// Rows in a FlightData message: its IPC header says, without decoding the body.
+fn rows_of(data: &FlightData) -> u64 {
+    arrow::ipc::root_as_message(&data.data_header)
+        .ok()
+        .and_then(|m| m.header_as_record_batch())
+        .map_or(0, |b| u64::try_from(b.length()).unwrap_or(0))
+}
+
+impl Stream for Guarded {
+    type Item = Result<FlightData, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.stream.is_none() {
+            return Poll::Ready(None);
+        }
+        if self.ended.poll_unpin(cx).is_ready() {
+            return self.end(Status::unavailable(
+                "the server is shutting down; ask for this endpoint again",
+            ));
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let item = match stream.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(data))) => data,
+            other => return other,
+        };
+        self.rows += rows_of(&item);
+        self.bytes += item.data_body.len() as u64;
+        if let Some(max) = self.max_rows
+            && self.rows > max
+        {
+            return self.end(Status::resource_exhausted(format!(
+                "this stream passed the server's limit of {max} rows per request (--max-rows): \
+                 narrow it with a filter, columns or a limit"
+            )));
+        }
+        if let Some(max) = self.max_bytes
+            && self.bytes > max
+        {
+            return self.end(Status::resource_exhausted(format!(
+                "this stream passed the server's limit of {max} bytes per request (--max-bytes): \
+                 narrow it with a filter, columns or a limit"
+            )));
+        }
+        Poll::Ready(Some(Ok(item)))
+    }
+}

@@ -1,0 +1,300 @@
+//! Tokens and roles, stream and row limits, request timeouts and shutdown, against a real server.
+
+use std::time::{Duration, Instant};
+
+use arrow_flight::sql::client::FlightSqlServiceClient;
+use arrow_flight::{FlightClient, Ticket};
+use artiflight_client::{Client, Code, Options, Request};
+use artiflight_server::auth::{Role, Token};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::common::{TestResult, TestServer, demo_dir, rows, sorted_schema, write_sorted_folder};
+
+/// Makes a token in the server's catalog, as `artiflight token create` does.
+async fn token(
+    server: &TestServer,
+    name: &str,
+    role: Role,
+) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    let token = Token::generate();
+    let (name, hash) = (name.to_string(), token.hash());
+    server
+        .server
+        .planner()
+        .catalog()
+        .run(move |c| c.create_token(&name, role, &hash))
+        .await?;
+    Ok(token.secret().to_string())
+}
+
+async fn with_token(
+    server: &TestServer,
+    token: Option<&str>,
+) -> Result<Client, artiflight_client::Error> {
+    let options = Options {
+        token: token.map(str::to_string),
+        ca_pem: None,
+    };
+    Client::connect_with(&server.url, &options).await
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, artiflight_client::Error>) -> Option<Code> {
+    match result {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e.code(),
+    }
+}
+
+async fn register_demo(server: &TestServer) -> TestResult {
+    let demo = demo_dir();
+    server
+        .server
+        .registry()
+        .register(
+            demo.to_str().unwrap_or_default(),
+            "sharded_parquet",
+            None,
+            true,
+        )
+        .await?;
+    Ok(())
+}
+
+fn small_batch() -> arrow::array::RecordBatch {
+    use std::sync::Arc;
+    arrow::array::RecordBatch::try_new(
+        sorted_schema(),
+        vec![
+            Arc::new(arrow::array::Int64Array::from(vec![1, 2])),
+            Arc::new(arrow::array::Float64Array::from(vec![0.5, 1.0])),
+            Arc::new(arrow::array::StringArray::from(vec!["a", "b"])),
+        ],
+    )
+    .expect("batch")
+}
+
+#[tokio::test]
+async fn tokens_and_roles() -> TestResult {
+    let server = TestServer::start_with(|o| o.auth = true).await?;
+    register_demo(&server).await?;
+    let reader = token(&server, "reader", Role::Read).await?;
+    let writer = token(&server, "writer", Role::Write).await?;
+
+    // No token, or a wrong one: nothing but the handshake answers, ListActions included.
+    let anonymous = with_token(&server, None).await?;
+    assert_eq!(
+        code(anonymous.list(None).await),
+        Some(Code::Unauthenticated)
+    );
+    let actions = anonymous.flight().list_actions().await.err();
+    assert_eq!(
+        actions.as_ref().and_then(status_code),
+        Some(Code::Unauthenticated)
+    );
+    let request = Request::key("sharded_parquet").filter("louvain = 3");
+    assert_eq!(
+        code(anonymous.info(&request).await),
+        Some(Code::Unauthenticated)
+    );
+    let wrong = with_token(&server, Some("afl_not-a-token")).await?;
+    assert_eq!(code(wrong.list(None).await), Some(Code::Unauthenticated));
+
+    // A read token reads, and is refused every write.
+    let read = with_token(&server, Some(&reader)).await?;
+    assert_eq!(read.list(None).await?.len(), 1);
+    let (_, batches) = read.collect(&request).await?;
+    assert!(rows(&batches) > 0);
+    assert!(
+        read.action("describe", json!({"key": "sharded_parquet"}))
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        code(read.put("uploaded", vec![small_batch()]).await),
+        Some(Code::PermissionDenied)
+    );
+    let dir = server.dir.path().display().to_string();
+    for (action, body) in [
+        ("register", json!({"path": dir, "key": "again"})),
+        ("delete", json!({"key": "sharded_parquet"})),
+        (
+            "create_collection",
+            json!({"key": "c", "members": ["sharded_parquet"]}),
+        ),
+    ] {
+        assert_eq!(
+            code(read.action(action, body).await),
+            Some(Code::PermissionDenied),
+            "{action}"
+        );
+    }
+
+    // A write token writes.
+    let write = with_token(&server, Some(&writer)).await?;
+    let record = write.put("uploaded", vec![small_batch()]).await?;
+    assert_eq!(record["key"], "uploaded");
+
+    // Basic auth in the handshake (user = token name) answers with a bearer token that works.
+    let channel = Channel::from_shared(server.url.replace("grpc://", "http://"))?
+        .connect()
+        .await?;
+    let mut sql = FlightSqlServiceClient::new(channel.clone());
+    let bearer = sql.handshake("reader", &reader).await;
+    assert!(bearer.is_ok(), "{bearer:?}");
+    let bearer = sql
+        .token()
+        .cloned()
+        .ok_or("the handshake answered no bearer token")?;
+    assert_eq!(
+        with_token(&server, Some(&bearer))
+            .await?
+            .list(None)
+            .await?
+            .len(),
+        2
+    );
+    let mut sql = FlightSqlServiceClient::new(channel.clone());
+    assert!(
+        sql.handshake("writer", &reader).await.is_err(),
+        "a token under another name"
+    );
+    let mut sql = FlightSqlServiceClient::new(channel);
+    assert!(sql.handshake("reader", "afl_wrong").await.is_err());
+
+    // A revoked token stops working within seconds, with no restart.
+    server
+        .server
+        .planner()
+        .catalog()
+        .run(|c| c.revoke_token("reader"))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match read.list(None).await {
+            Err(e) if e.code() == Some(Code::Unauthenticated) => break,
+            _ if Instant::now() > deadline => panic!("the revoked token still works after 10 s"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    Ok(())
+}
+
+/// A folder large enough that its stream outlasts HTTP/2's flow-control windows (about 19 MB).
+async fn big_server(
+    configure: impl FnOnce(&mut artiflight_server::ServerOptions),
+) -> Result<(TestServer, Vec<Ticket>), Box<dyn std::error::Error + Send + Sync>> {
+    let server = TestServer::start_with(configure).await?;
+    let folder = write_sorted_folder(&server.dir.path().join("big"), 2, 500_000, 100_000);
+    server
+        .server
+        .registry()
+        .register(folder.to_str().unwrap_or_default(), "big", None, true)
+        .await?;
+    let info = server.client().await?.info(&Request::key("big")).await?;
+    let tickets = info
+        .endpoint
+        .iter()
+        .filter_map(|e| e.ticket.clone())
+        .collect();
+    Ok((server, tickets))
+}
+
+fn flight(server: &TestServer) -> Result<FlightClient, Box<dyn std::error::Error + Send + Sync>> {
+    let channel = Channel::from_shared(server.url.replace("grpc://", "http://"))?.connect_lazy();
+    Ok(FlightClient::new(channel))
+}
+
+fn status_code(e: &arrow_flight::error::FlightError) -> Option<Code> {
+    match e {
+        arrow_flight::error::FlightError::Tonic(s) => Some(s.code()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn stream_permits_are_held_by_streams() -> TestResult {
+    let (server, tickets) = big_server(|o| {
+        o.limits.max_streams = Some(1);
+        o.limits.queue_timeout = Duration::from_millis(300);
+    })
+    .await?;
+    let mut first = flight(&server)?.do_get(tickets[0].clone()).await?;
+    assert!(first.next().await.transpose()?.is_some());
+    // The one permit is inside the first stream: the second DoGet waits, then is refused.
+    let started = Instant::now();
+    let second = flight(&server)?.do_get(tickets[0].clone()).await;
+    let err = second.err().ok_or("a second stream ran beside the first")?;
+    assert_eq!(status_code(&err), Some(Code::ResourceExhausted), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // A client that goes away frees its permit.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match flight(&server)?.do_get(tickets[0].clone()).await {
+            Ok(stream) => {
+                let batches: Vec<_> = stream.try_collect().await?;
+                assert_eq!(rows(&batches), 500_000);
+                break;
+            }
+            Err(e) if Instant::now() > deadline => panic!("the permit was never freed: {e}"),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn rows_per_request_and_request_time_are_bounded() -> TestResult {
+    let server = TestServer::start_with(|o| o.limits.max_rows = Some(20)).await?;
+    register_demo(&server).await?;
+    let client = server.client().await?;
+    let all = client.collect(&Request::key("sharded_parquet")).await;
+    assert_eq!(code(all), Some(Code::ResourceExhausted));
+    let (_, few) = client
+        .collect(&Request::key("sharded_parquet").limit(10))
+        .await?;
+    assert_eq!(rows(&few), 10);
+
+    let slow = TestServer::start_with(|o| o.limits.request_timeout = Some(Duration::from_nanos(1)))
+        .await?;
+    register_demo(&slow).await?;
+    let info = slow
+        .client()
+        .await?
+        .info(&Request::key("sharded_parquet"))
+        .await;
+    // Planning takes milliseconds, far past the timeout.
+    assert_eq!(code(info), Some(Code::DeadlineExceeded));
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_ends_running_streams_after_the_grace() -> TestResult {
+    let (server, tickets) =
+        big_server(|o| o.limits.shutdown_grace = Duration::from_millis(300)).await?;
+    let mut stream = flight(&server)?.do_get(tickets[0].clone()).await?;
+    assert!(stream.next().await.transpose()?.is_some());
+    let shutdown = tokio::spawn(server.shutdown());
+    // A slow reader: the whole stream would take seconds, longer than the grace.
+    let mut ended = None;
+    for _ in 0..1_000 {
+        match stream.next().await {
+            Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Some(Err(e)) => {
+                ended = status_code(&e);
+                break;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        ended,
+        Some(Code::Unavailable),
+        "the stream was not ended by the shutdown"
+    );
+    let took = shutdown.await??;
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    Ok(())
+}
