@@ -257,6 +257,27 @@ async fn rows_per_request_and_request_time_are_bounded() -> TestResult {
         .await?;
     assert_eq!(rows(&few), 10);
 
+    // Messages over the size limit are refused, and smaller ones still go in.
+    let small = TestServer::start_with(|o| o.limits.max_message_bytes = 64 * 1024).await?;
+    let client = small.client().await?;
+    let big = arrow::array::RecordBatch::try_new(
+        sorted_schema(),
+        vec![
+            std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..100_000)),
+            std::sync::Arc::new(arrow::array::Float64Array::from_iter_values(
+                (0..100_000).map(f64::from),
+            )),
+            std::sync::Arc::new(arrow::array::StringArray::from_iter_values(
+                (0..100_000).map(|i| format!("{i}")),
+            )),
+        ],
+    )?;
+    assert_eq!(
+        code(client.put("big", vec![big]).await),
+        Some(Code::ResourceExhausted)
+    );
+    client.put("small", vec![small_batch()]).await?;
+
     let slow = TestServer::start_with(|o| o.limits.request_timeout = Some(Duration::from_nanos(1)))
         .await?;
     register_demo(&slow).await?;

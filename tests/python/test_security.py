@@ -87,6 +87,21 @@ def test_tokens_are_required_and_roles_are_kept(auth_server):
     client.close()
 
 
+def test_flight_sql_clients_log_in_with_the_token(auth_server):
+    import adbc_driver_flightsql.dbapi as flight_sql
+    from adbc_driver_manager import ProgrammingError, OperationalError
+    server, tokens = auth_server
+    # ADBC (and so BI tools) send user and password through the handshake, then the bearer.
+    with flight_sql.connect(server.url, db_kwargs={"username": "reader", "password": tokens["reader"]},
+                            autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) AS n FROM sharded_parquet WHERE louvain = 3")
+        assert cur.fetch_arrow_table().column("n")[0].as_py() == pq.read_table(DEMO, filters=[("louvain", "=", 3)]).num_rows
+    with pytest.raises((ProgrammingError, OperationalError), match="(?i)unauthenticated|token"):
+        with flight_sql.connect(server.url, db_kwargs={"username": "reader", "password": "afl_wrong"},
+                                autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+
 def test_token_commands_never_show_tokens_and_revoke_takes_effect(auth_server):
     server, tokens = auth_server
     listing = cli(server.data_dir, "token", "list").stdout

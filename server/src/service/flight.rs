@@ -270,7 +270,7 @@ impl FlightHandler {
         let first = input
             .message()
             .await
-            .map_err(|s| Error::invalid(format!("DoPut stream failed: {}", s.message())))?
+            .map_err(input_status)?
             .ok_or_else(|| Error::invalid("DoPut sent no data"))?;
         let descriptor = first
             .flight_descriptor
@@ -373,7 +373,23 @@ enum PutBody {
 }
 
 fn flight_input_error(e: FlightError) -> Error {
-    Error::invalid(format!("cannot decode uploaded data: {e}"))
+    match e {
+        FlightError::Tonic(status) => input_status(*status),
+        e => Error::invalid(format!("cannot decode uploaded data: {e}")),
+    }
+}
+
+/// An error reading what the client sends: a message over the size limit is the client's to fix.
+fn input_status(status: Status) -> Error {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            Error::ResourceExhausted(format!(
+                "{} (the server's --max-message-size): send smaller batches",
+                status.message()
+            ))
+        }
+        _ => Error::invalid(format!("the uploaded stream failed: {}", status.message())),
+    }
 }
 
 fn one<T: Send + 'static>(item: T) -> FlightStream<T> {
