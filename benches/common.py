@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import time
@@ -9,7 +10,8 @@ import time
 import pyarrow.flight as flight
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_BINARY = str(REPO / "target" / "release" / "artiflight")
+# Where `cargo build --release` puts the binary (CARGO_TARGET_DIR moves it, as CI does).
+DEFAULT_BINARY = str(pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "release" / "artiflight")
 DEFAULT_DATA = str(REPO / "bench-data")
 
 
@@ -109,3 +111,18 @@ def peak_rss_mb(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(list(pathlib.Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (user, system, interrupts), in core-seconds: the
+    client and the server of a benchmark share the cores, so their costs add up here."""
+    fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_gb(fn) -> float:
+    """Core-seconds per GB of one run of `fn`, which returns (seconds, rows, bytes)."""
+    before = machine_cpu_seconds()
+    _, _, nbytes = fn()
+    return (machine_cpu_seconds() - before) / (nbytes / 1e9)

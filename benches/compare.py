@@ -29,8 +29,8 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import (DEFAULT_BINARY, DEFAULT_DATA, REPO, Row, best, peak_rss_mb,  # noqa: E402,F401
-                    print_rows, register, serve, stop)
+from common import (DEFAULT_BINARY, DEFAULT_DATA, REPO, Row, best, cpu_per_gb,  # noqa: E402,F401
+                    peak_rss_mb, print_rows, register, serve, stop)
 
 PROJECTED = ["id", "c", "h"]
 # The data's own name. Each data set gets its own server data dir too: registering content that a
@@ -257,7 +257,14 @@ def full_scan(args, folder, url, peer_url) -> list[Row]:
     for name, r in [("local", local), ("peer", theirs), ("seq", seq), ("par", par)]:
         assert r[1] == args.rows, (name, r[1])
     gbps = lambda r: r[2] / r[0] / 1e9  # noqa: E731
+    # What each way costs in CPU, client and server together: on a machine whose cores both
+    # sides share, throughput is at most cores / (core-seconds per GB).
+    cpu_ours = cpu_per_gb(lambda: fetch(url, ours_cmd(), True))
+    cpu_peer = cpu_per_gb(lambda: fetch(peer_url, peer_cmd(), False))
+    cpu_local = cpu_per_gb(lambda: (0, args.rows, ds.dataset(folder, format="parquet", partitioning="hive").to_table().nbytes))
     return [
+        Row("1 full scan", "CPU core-s per GB, client + server", cpu_ours, cpu_peer,
+            "s/GB", "", "pyarrow Flight server (Python)", f"local pyarrow.dataset: {cpu_local:.2f} s/GB"),
         Row("1 full scan", "GB/s, endpoints in parallel", gbps(par), gbps(theirs),
             "GB/s", ">= 1.5", "pyarrow Flight server (Python)"),
         Row("1 full scan", "GB/s, endpoints in parallel", gbps(par), gbps(local),

@@ -22,6 +22,16 @@ const UPLOAD_PREFIX: &str = ".upload-";
 /// The kernel drops the lock of a killed process, so a crash never blocks the next sweep.
 const UPLOADS_LOCK: &str = ".uploads.lock";
 
+/// Opens (creating) the uploads lock file; locking it is the caller's.
+fn open_lock(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), e))
+}
+
 /// Writes to the catalog and managed storage.
 #[derive(Clone)]
 pub struct Registry {
@@ -303,12 +313,7 @@ impl Registry {
     async fn upload_lease(&self) -> Result<std::fs::File> {
         let path = self.planner.storage().managed_dir().join(UPLOADS_LOCK);
         tokio::task::spawn_blocking(move || {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(path.display(), e))?;
+            let file = open_lock(&path)?;
             file.lock_shared()
                 .map_err(|e| Error::io(path.display(), e))?;
             Ok(file)
@@ -325,12 +330,7 @@ impl Registry {
         let dir = self.planner.storage().managed_dir();
         let swept = tokio::task::spawn_blocking(move || -> Result<usize> {
             let lock_path = dir.join(UPLOADS_LOCK);
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(|e| Error::io(lock_path.display(), e))?;
+            let lock = open_lock(&lock_path)?;
             match lock.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {

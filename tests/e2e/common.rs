@@ -112,6 +112,14 @@ impl Drop for TestServer {
 /// A server with the committed demo folder registered as `sharded_parquet`.
 pub(crate) async fn demo_server() -> Result<TestServer, Box<dyn std::error::Error + Send + Sync>> {
     let server = TestServer::start().await?;
+    register_demo(&server).await?;
+    Ok(server)
+}
+
+/// Registers the committed demo folder as `sharded_parquet`, as the operator does.
+pub(crate) async fn register_demo(
+    server: &TestServer,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let demo = demo_dir();
     server
         .server
@@ -123,7 +131,7 @@ pub(crate) async fn demo_server() -> Result<TestServer, Box<dyn std::error::Erro
             true,
         )
         .await?;
-    Ok(server)
+    Ok(())
 }
 
 /// A registry over `data_dir` whose plans run with `config`, for planner-level tests.

@@ -10,7 +10,9 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::common::{TestResult, TestServer, demo_dir, rows, sorted_schema, write_sorted_folder};
+use crate::common::{
+    TestResult, TestServer, register_demo, rows, sorted_schema, write_sorted_folder,
+};
 
 /// Makes a token in the server's catalog, as `artiflight token create` does.
 async fn token(
@@ -45,21 +47,6 @@ fn code<T: std::fmt::Debug>(result: Result<T, artiflight_client::Error>) -> Opti
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(e) => e.code(),
     }
-}
-
-async fn register_demo(server: &TestServer) -> TestResult {
-    let demo = demo_dir();
-    server
-        .server
-        .registry()
-        .register(
-            demo.to_str().unwrap_or_default(),
-            "sharded_parquet",
-            None,
-            true,
-        )
-        .await?;
-    Ok(())
 }
 
 fn small_batch() -> arrow::array::RecordBatch {
