@@ -383,3 +383,28 @@ async fn a_vanished_client_does_not_stop_the_server() -> TestResult {
     );
     Ok(())
 }
+
+/// Tickets carry what to plan: the server that issued them hands its plan over, and any other
+/// server (here: the same data dir after a restart) or a second fetch plans them again.
+#[tokio::test]
+async fn tickets_read_the_same_whoever_plans_them() -> TestResult {
+    let server = demo_server().await?;
+    let request = Request::key("sharded_parquet")
+        .filter("louvain IN (1, 2, 7) AND n_genes > 600")
+        .columns(["n_genes", "louvain"]);
+    let info = server.client().await?.info(&request).await?;
+    assert!(info.endpoint.len() >= 2);
+    let read = |client: artiflight_client::Client, info: arrow_flight::FlightInfo| async move {
+        let (_, stream) = client.get_info(&info)?;
+        let batches: Vec<RecordBatch> = futures::TryStreamExt::try_collect(stream).await?;
+        Ok::<_, artiflight_client::Error>(column_strings(&batches, "n_genes"))
+    };
+    let handed_over = read(server.client().await?, info.clone()).await?;
+    let fetched_again = read(server.client().await?, info.clone()).await?;
+    let server = server.restart().await?;
+    let elsewhere = read(server.client().await?, info).await?;
+    assert!(!handed_over.is_empty());
+    assert_eq!(handed_over, fetched_again);
+    assert_eq!(handed_over, elsewhere);
+    Ok(())
+}

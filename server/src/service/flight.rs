@@ -25,6 +25,7 @@ use super::actions;
 use super::auth::Gate;
 use super::cancel::Cancels;
 use super::limits::{Governor, Limits};
+use super::plans::Plans;
 use super::sql::{self, SqlService, sql_message};
 use crate::auth::{Authenticator, Role};
 use crate::catalog::{Entry, RecordFilter};
@@ -56,6 +57,7 @@ pub struct FlightHandler {
     registry: Registry,
     sql: SqlService,
     cancels: Arc<Cancels>,
+    plans: Arc<Plans>,
     gate: Gate,
     governor: Arc<Governor>,
 }
@@ -90,11 +92,13 @@ impl FlightHandler {
     /// A handler over `registry`; with `auth`, every call but the Handshake needs a token.
     pub fn new(registry: Registry, auth: bool, limits: Limits) -> Result<Self> {
         let cancels = Arc::new(Cancels::default());
+        let plans = Arc::new(Plans::default());
         let authenticator = auth.then(|| Authenticator::new(registry.planner().catalog().clone()));
         Ok(Self {
-            sql: SqlService::new(registry.clone(), Arc::clone(&cancels))?,
+            sql: SqlService::new(registry.clone(), Arc::clone(&cancels), Arc::clone(&plans))?,
             registry,
             cancels,
+            plans,
             gate: Gate::new(authenticator),
             governor: Arc::new(Governor::new(limits)),
         })
@@ -161,23 +165,29 @@ impl FlightHandler {
     }
 
     fn flight_info(
+        &self,
         descriptor: FlightDescriptor,
         command: &Command,
         resolved: &Resolved,
-        planned: &Planned,
+        planned: Planned,
         structure: Option<serde_json::Value>,
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
         let partition_count = planned.endpoint_count();
-        let endpoints = (0..partition_count).map(|partition| {
-            let ticket = TicketSpec {
-                command: command.clone(),
-                uids: uids.clone(),
-                partition,
-                partition_count,
-            };
-            arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode()))
-        });
+        let tickets: Vec<bytes::Bytes> = (0..partition_count)
+            .map(|partition| {
+                let ticket = TicketSpec {
+                    command: command.clone(),
+                    uids: uids.clone(),
+                    partition,
+                    partition_count,
+                };
+                ticket.encode().into()
+            })
+            .collect();
+        let endpoints = tickets
+            .iter()
+            .map(|t| arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(t.clone())));
         let (records, bytes) = planned.totals();
         let mut metadata = match &resolved.entry {
             Some(entry) => entry.to_json(),
@@ -194,7 +204,7 @@ impl FlightHandler {
                 map.entry(k).or_insert(v);
             }
         }
-        Ok(FlightInfo::new()
+        let info = FlightInfo::new()
             .try_with_schema(&planned.schema())
             .map_err(|e| Error::Internal(format!("cannot encode schema: {e}")))?
             .with_descriptor(descriptor)
@@ -202,7 +212,9 @@ impl FlightHandler {
             .with_total_records(records)
             .with_total_bytes(bytes)
             .with_ordered(true)
-            .with_app_metadata(metadata.to_string()))
+            .with_app_metadata(metadata.to_string());
+        self.plans.offer(Arc::new(planned), tickets);
+        Ok(info)
     }
 
     /// A listing entry: schema and counts where they come cheaply, the record as metadata.
@@ -472,7 +484,7 @@ impl FlightService for FlightHandler {
             .deadline(async {
                 let (command, resolved, planned) = self.plan(&descriptor).await?;
                 let structure = self.structure(&resolved).await;
-                Self::flight_info(descriptor.clone(), &command, &resolved, &planned, structure)
+                self.flight_info(descriptor.clone(), &command, &resolved, planned, structure)
             })
             .await?;
         Ok(Response::new(info))
@@ -519,6 +531,9 @@ impl FlightService for FlightHandler {
         let stream = self
             .governor
             .deadline(async {
+                if let Some((planned, partition)) = self.plans.take(&ticket) {
+                    return Ok(stream_partition(&planned, partition)?);
+                }
                 if sql_message(&ticket).is_some() {
                     return Ok(self.sql.do_get(request).await?.into_inner());
                 }

@@ -7,6 +7,7 @@ mod auth;
 mod cancel;
 mod flight;
 mod limits;
+mod plans;
 mod sql;
 mod status;
 

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 
 use super::cancel::Cancels;
 use super::flight::{FlightStream, batches_to_flight, stream_partition};
+use super::plans::Plans;
 use crate::error::{Error, Result};
 use crate::query::{CATALOG, Planner, SCHEMA, SqlPlan, Statement, TABLE_TYPE};
 use crate::registry::Registry;
@@ -63,15 +64,21 @@ pub(super) fn sql_message(bytes: &[u8]) -> Option<Any> {
 pub(super) struct SqlService {
     registry: Registry,
     cancels: Arc<Cancels>,
+    plans: Arc<Plans>,
     info: Arc<SqlInfoData>,
     types: Arc<XdbcTypeInfoData>,
 }
 
 impl SqlService {
-    pub(super) fn new(registry: Registry, cancels: Arc<Cancels>) -> Result<Self> {
+    pub(super) fn new(
+        registry: Registry,
+        cancels: Arc<Cancels>,
+        plans: Arc<Plans>,
+    ) -> Result<Self> {
         Ok(Self {
             registry,
             cancels,
+            plans,
             info: Arc::new(sql_info()?),
             types: Arc::new(type_info()?),
         })
@@ -90,7 +97,7 @@ impl SqlService {
     ) -> Result<FlightInfo> {
         let SqlPlan { planned, versions } = self.planner().sql_plan(&statement).await?;
         let partition_count = planned.endpoint_count();
-        let endpoints = (0..partition_count)
+        let tickets = (0..partition_count)
             .map(|partition| {
                 let ticket = Statement {
                     versions: versions.clone(),
@@ -101,17 +108,23 @@ impl SqlService {
                 let ticket = TicketStatementQuery {
                     statement_handle: ticket.encode()?.into(),
                 };
-                Ok(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())))
+                Ok(Bytes::from(ticket.as_any().encode_to_vec()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let endpoints = tickets
+            .iter()
+            .map(|t| FlightEndpoint::new().with_ticket(Ticket::new(t.clone())))
+            .collect();
         let (records, bytes) = planned.totals();
-        Ok(FlightInfo::new()
+        let info = FlightInfo::new()
             .try_with_schema(&planned.schema())
             .map_err(|e| Error::Internal(format!("cannot encode schema: {e}")))?
             .with_descriptor(descriptor)
             .with_endpoints(endpoints)
             .with_total_records(records)
-            .with_total_bytes(bytes))
+            .with_total_bytes(bytes);
+        self.plans.offer(Arc::new(planned), tickets);
+        Ok(info)
     }
 
     /// Binds a batch of parameters to a prepared statement: the new handle carries them.
