@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import time
 
@@ -113,16 +114,20 @@ def open_fds(pid: int) -> int:
     return len(list(pathlib.Path(f"/proc/{pid}/fd").iterdir()))
 
 
-def machine_cpu_seconds() -> float:
-    """CPU time the whole machine has spent busy (user, system, interrupts), in core-seconds: the
-    client and the server of a benchmark share the cores, so their costs add up here."""
-    fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user and system, all threads) of this process, plus that of process `pid`: the
+    benchmark's clients and in-process peers run here, our server in its own process."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    if pid is not None:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
-def cpu_per_gb(fn) -> float:
-    """Core-seconds per GB of one run of `fn`, which returns (seconds, rows, bytes)."""
-    before = machine_cpu_seconds()
-    _, _, nbytes = fn()
-    return (machine_cpu_seconds() - before) / (nbytes / 1e9)
+def cpu_per_gb(fn, repeat: int, pid: int | None = None) -> float:
+    """Core-seconds per GB over `repeat` runs of `fn`, which returns (seconds, rows, bytes):
+    client and server together, since on one machine they share the cores."""
+    before = cpu_seconds(pid)
+    nbytes = sum(fn()[2] for _ in range(max(1, repeat)))
+    return (cpu_seconds(pid) - before) / (nbytes / 1e9)

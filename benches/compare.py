@@ -227,7 +227,7 @@ def run(args) -> list[Row]:
               flush=True)
 
         if 1 in wanted:
-            rows.extend(full_scan(args, folder, url, peer_url))
+            rows.extend(full_scan(args, folder, url, peer_url, proc.pid))
         lo = args.rows // 2
         hi = lo + args.rows // 100 - 1
         ours_f = ours_cmd(filter=f"id BETWEEN {lo} AND {hi}")
@@ -245,7 +245,7 @@ def run(args) -> list[Row]:
     return rows
 
 
-def full_scan(args, folder, url, peer_url) -> list[Row]:
+def full_scan(args, folder, url, peer_url, server_pid) -> list[Row]:
     """Case 1."""
     ds.dataset(folder, format="parquet", partitioning="hive").to_table()  # warm the page cache
     local = best(lambda: (lambda t0, t: (time.perf_counter() - t0, t.num_rows, t.nbytes))(
@@ -259,9 +259,10 @@ def full_scan(args, folder, url, peer_url) -> list[Row]:
     gbps = lambda r: r[2] / r[0] / 1e9  # noqa: E731
     # What each way costs in CPU, client and server together: on a machine whose cores both
     # sides share, throughput is at most cores / (core-seconds per GB).
-    cpu_ours = cpu_per_gb(lambda: fetch(url, ours_cmd(), True))
-    cpu_peer = cpu_per_gb(lambda: fetch(peer_url, peer_cmd(), False))
-    cpu_local = cpu_per_gb(lambda: (0, args.rows, ds.dataset(folder, format="parquet", partitioning="hive").to_table().nbytes))
+    cpu_ours = cpu_per_gb(lambda: fetch(url, ours_cmd(), True), args.repeat, server_pid)
+    cpu_peer = cpu_per_gb(lambda: fetch(peer_url, peer_cmd(), False), args.repeat)
+    cpu_local = cpu_per_gb(lambda: (0, args.rows, ds.dataset(folder, format="parquet", partitioning="hive").to_table().nbytes),
+                           args.repeat)
     return [
         Row("1 full scan", "CPU core-s per GB, client + server", cpu_ours, cpu_peer,
             "s/GB", "", "pyarrow Flight server (Python)", f"local pyarrow.dataset: {cpu_local:.2f} s/GB"),
