@@ -122,3 +122,53 @@ async fn partitions_read_only_their_own_files() -> TestResult {
     assert_eq!(total, 700);
     Ok(())
 }
+
+/// Files that statistics rule out are dropped while planning: a selective filter on a sorted id
+/// is one endpoint, not one per partition that opens nothing; a filter matching nothing keeps one
+/// (empty) endpoint; and the rows are the same as without pruning.
+#[tokio::test]
+async fn files_ruled_out_by_statistics_get_no_endpoint() -> TestResult {
+    use futures::TryStreamExt;
+    let dir = tempfile::tempdir()?;
+    let folder = write_sorted_folder(&dir.path().join("sorted"), 4, 20_000, 1_000);
+    let registry = registry_with(
+        &dir.path().join("data"),
+        artiflight_server::query::session_config(2),
+    );
+    registry
+        .register(folder.to_str().unwrap_or_default(), "sorted", None, true)
+        .await?;
+    let endpoints = |filter: &str| {
+        let registry = registry.clone();
+        let filter = filter.to_string();
+        async move {
+            let command = Command {
+                key: Some("sorted".into()),
+                filter: Some(filter),
+                ..Default::default()
+            };
+            let resolved = registry.planner().resolve(&command).await?;
+            let planned = registry.planner().plan(&command, &resolved.sources).await?;
+            let mut ids = Vec::new();
+            for p in 0..planned.endpoint_count() {
+                let batches: Vec<_> = planned.execute(p)?.try_collect().await?;
+                ids.extend(column_strings(&batches, "id"));
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((planned.endpoint_count(), ids))
+        }
+    };
+    let (count, ids) = endpoints("id >= 41000 AND id < 41010").await?;
+    assert_eq!((count, ids.len()), (1, 10));
+    let (count, ids) = endpoints("id < 0").await?;
+    assert_eq!((count, ids.len()), (1, 0));
+    // Files on both ends survive, in order; the ones between are dropped.
+    let (count, ids) = endpoints("id < 5 OR id >= 79995").await?;
+    assert_eq!(count, 2);
+    assert_eq!(ids.first().map(String::as_str), Some("0"));
+    assert_eq!(ids.last().map(String::as_str), Some("79999"));
+    assert_eq!(ids.len(), 10);
+    // No statistics-proof for a filter on other columns: every partition stays.
+    let (count, _) = endpoints("label = 'l3'").await?;
+    assert_eq!(count, 2);
+    Ok(())
+}

@@ -4,6 +4,7 @@
 
 mod command;
 mod plan;
+mod prune;
 mod sql;
 mod ticket;
 

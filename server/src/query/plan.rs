@@ -10,6 +10,7 @@ use datafusion::datasource::ViewTable;
 use datafusion::execution::TaskContext;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
@@ -21,6 +22,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use url::Url;
 
 use super::Command;
+use super::prune::PruneFilesByStatistics;
 use crate::catalog::{ArtifactRecord, Catalog, Entry};
 use crate::error::{Error, Result, guard_reader, panic_message};
 use crate::formats::{self, Opened, Request};
@@ -210,7 +212,23 @@ impl Planner {
 
     /// A fresh session sharing the runtime (object stores, memory pool).
     pub fn session(&self) -> SessionContext {
-        SessionContext::new_with_config_rt(self.config.clone(), Arc::clone(&self.runtime))
+        self.session_with(self.config.clone())
+    }
+
+    /// A fresh session with `config` on the shared runtime, planning with this crate's rules.
+    pub(crate) fn session_with(&self, config: SessionConfig) -> SessionContext {
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(Arc::clone(&self.runtime))
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(PruneFilesByStatistics))
+            .build();
+        SessionContext::new_with_state(state)
+    }
+
+    /// The settings every session starts from.
+    pub(crate) fn config(&self) -> &SessionConfig {
+        &self.config
     }
 
     /// Looks up what the command names.

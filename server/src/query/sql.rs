@@ -260,8 +260,7 @@ impl Planner {
         &self,
         pinned: BTreeMap<String, String>,
     ) -> Result<(SessionContext, Arc<Tables>)> {
-        let runtime = self.session().runtime_env();
-        let mut base = self.session().copied_config();
+        let mut base = self.config().clone();
         // Queries compute on string views: parquet strings decode without a copy and group keys
         // hash faster. Results go out as plain strings (`plain_types`).
         base.options_mut().execution.parquet.schema_force_view_types = true;
@@ -271,12 +270,12 @@ impl Planner {
             .with_default_catalog_and_schema(CATALOG, SCHEMA)
             .with_create_default_catalog_and_schema(false)
             .with_information_schema(true);
-        let ctx = SessionContext::new_with_config_rt(config, Arc::clone(&runtime));
+        let ctx = self.session_with(config);
         let tables = Arc::new(Tables {
             planner: self.clone(),
             // Tables open in a session of their own: holding the query's session here would make
             // a reference cycle through its catalog.
-            open_ctx: SessionContext::new_with_config_rt(base, runtime),
+            open_ctx: self.session_with(base),
             pinned,
             resolved: Mutex::default(),
         });
