@@ -159,7 +159,7 @@ struct Serve {
     /// Concurrent DoGet streams (0: no limit); further DoGets wait up to --queue-timeout.
     #[arg(long, env = "ARTIFLIGHT_MAX_STREAMS", default_value_t = 128)]
     max_streams: usize,
-    /// How long a DoGet waits for a stream slot before RESOURCE_EXHAUSTED.
+    /// How long a DoGet waits for a stream slot before RESOURCE_EXHAUSTED (0: not at all).
     #[arg(long, env = "ARTIFLIGHT_QUEUE_TIMEOUT", default_value = "30s")]
     queue_timeout: String,
     /// Largest message a client may send, e.g. 256MiB.
@@ -171,7 +171,7 @@ struct Serve {
     /// Bytes one DoGet may send, e.g. 10GiB (no limit by default).
     #[arg(long, env = "ARTIFLIGHT_MAX_BYTES")]
     max_bytes: Option<String>,
-    /// Time to answer a call or start a stream (0: none); uploads are not bounded by it.
+    /// Time to answer a call or start a stream (0: no limit); uploads are not bounded by it.
     #[arg(long, env = "ARTIFLIGHT_REQUEST_TIMEOUT", default_value = "300s")]
     request_timeout: String,
     /// After SIGTERM, how long running streams may finish before they are ended.

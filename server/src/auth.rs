@@ -39,6 +39,7 @@ impl Role {
         self >= needed
     }
 
+    /// The role's name, as `--role` and the catalog spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Read => "read",
@@ -79,10 +80,12 @@ impl Token {
         }
     }
 
+    /// The token itself: shown once, never stored.
     pub fn secret(&self) -> &str {
         &self.secret
     }
 
+    /// What the catalog stores for this token.
     pub fn hash(&self) -> String {
         Self::hash_of(&self.secret)
     }
@@ -96,6 +99,7 @@ impl Token {
 /// Who is calling: a token's name and role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The token's name: the user name in basic auth.
     pub name: String,
     pub role: Role,
 }
@@ -111,6 +115,7 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// An authenticator over the tokens in `catalog`; nothing is read until the first call.
     pub fn new(catalog: Catalog) -> Self {
         Self {
             catalog,

@@ -22,6 +22,54 @@ const UPLOAD_PREFIX: &str = ".upload-";
 /// The kernel drops the lock of a killed process, so a crash never blocks the next sweep.
 const UPLOADS_LOCK: &str = ".uploads.lock";
 
+/// Held shared from an upload's rename to its record's commit, and exclusively while a delete
+/// removes files no record names any more: a delete never unlinks the file that an identical
+/// upload has just renamed into place.
+const COMMITS_LOCK: &str = ".commits.lock";
+
+enum Lock {
+    Shared,
+    Exclusive,
+}
+
+/// A file or folder being written into managed storage, removed if dropped before it is kept.
+struct Upload {
+    path: std::path::PathBuf,
+    extension: &'static str,
+    kept: bool,
+}
+
+impl Upload {
+    fn new(dir: &std::path::Path, extension: &'static str) -> Self {
+        let name = format!("{UPLOAD_PREFIX}{:016x}.{extension}", rand::random::<u64>());
+        Self {
+            path: dir.join(name),
+            extension,
+            kept: false,
+        }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if self.kept || !self.path.exists() {
+            return;
+        }
+        let removed = if self.path.is_dir() {
+            std::fs::remove_dir_all(&self.path)
+        } else {
+            std::fs::remove_file(&self.path)
+        };
+        if let Err(e) = removed {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot remove an unfinished upload");
+        }
+    }
+}
+
 /// Opens (creating) the uploads lock file; locking it is the caller's.
 fn open_lock(path: &std::path::Path) -> Result<std::fs::File> {
     std::fs::OpenOptions::new()
@@ -162,16 +210,13 @@ impl Registry {
         S: Stream<Item = Result<RecordBatch>> + Unpin,
     {
         check_key(key)?;
-        let _lease = self.upload_lease().await?;
-        let dir = self.planner.storage().managed_dir();
-        let upload = dir.join(format!(
-            "{UPLOAD_PREFIX}{:016x}.parquet",
-            rand::random::<u64>()
-        ));
+        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        let upload = Upload::new(&self.planner.storage().managed_dir(), "parquet");
+        let path = upload.path.clone();
         let written = async {
-            let file = tokio::fs::File::create(&upload)
+            let file = tokio::fs::File::create(&path)
                 .await
-                .map_err(|e| Error::io(upload.display(), e))?;
+                .map_err(|e| Error::io(path.display(), e))?;
             let props = WriterProperties::builder()
                 .set_compression(Compression::SNAPPY)
                 .build();
@@ -190,22 +235,57 @@ impl Registry {
             Ok::<_, Error>(())
         }
         .await;
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&upload).await;
-            return Err(e);
-        }
-        let upload_url = Url::from_file_path(&upload)
-            .map_err(|_| Error::Internal(format!("bad upload path {}", upload.display())))?;
-        let storage = self.planner.storage();
-        let hash = storage.hash(&storage.locate(&upload_url).await?).await?;
-        // Content-addressed: the same upload twice is one file.
-        let target = dir.join(format!("{hash}.parquet"));
-        tokio::fs::rename(&upload, &target)
-            .await
-            .map_err(|e| Error::io(target.display(), e))?;
-        let url = Url::from_file_path(&target)
-            .map_err(|_| Error::Internal(format!("bad managed path {}", target.display())))?;
-        self.register_url(url, key, description, true, true).await
+        // A failed or abandoned write leaves nothing: `upload` removes its file when dropped.
+        written?;
+        self.commit(upload, lease, key, description).await
+    }
+
+    /// Finishes a complete upload: hashes it, renames it to its content address and registers it.
+    ///
+    /// Runs as a task of its own that holds the locks: a client that goes away (or a request
+    /// timeout) drops the request, not this, so a renamed file never lacks the record it was
+    /// renamed for, and no sweep or delete runs between the two.
+    async fn commit(
+        &self,
+        upload: Upload,
+        lease: std::fs::File,
+        key: &str,
+        description: Option<String>,
+    ) -> Result<(ArtifactRecord, bool)> {
+        let this = self.clone();
+        let key = key.to_string();
+        tokio::spawn(async move {
+            let _lease = lease;
+            let _commit = this.lock(COMMITS_LOCK, Lock::Shared).await?;
+            let storage = this.planner.storage();
+            let folder = upload.path.is_dir();
+            let url = |path: &std::path::Path| {
+                if folder {
+                    Url::from_directory_path(path)
+                } else {
+                    Url::from_file_path(path)
+                }
+                .map_err(|_| Error::Internal(format!("bad managed path {}", path.display())))
+            };
+            let hash = storage
+                .hash(&storage.locate(&url(&upload.path)?).await?)
+                .await?;
+            // Content-addressed: the same upload twice is one file.
+            let target = storage
+                .managed_dir()
+                .join(format!("{hash}.{}", upload.extension));
+            if !(folder && target.exists()) {
+                // A file renames over its identical twin; a folder cannot, and need not.
+                tokio::fs::rename(&upload.path, &target)
+                    .await
+                    .map_err(|e| Error::io(target.display(), e))?;
+                upload.keep();
+            }
+            this.register_url(url(&target)?, &key, description, true, true)
+                .await
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("upload commit failed: {e}")))?
     }
 
     /// Writes a new version of the zarr AnnData `key` with one more column in `element` (`obs` or
@@ -269,57 +349,33 @@ impl Registry {
                 values.len()
             )));
         }
-        let _lease = self.upload_lease().await?;
-        let dir = self.planner.storage().managed_dir();
-        let upload = dir.join(format!(
-            "{UPLOAD_PREFIX}{:016x}.zarr",
-            rand::random::<u64>()
-        ));
-        let (from, to, frame, column) = (
-            source.clone(),
-            upload.clone(),
-            element.to_string(),
-            name.to_string(),
-        );
-        let written = tokio::task::spawn_blocking(move || {
-            formats::add_column(&from, &to, &frame, &column, &values)
+        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        let upload = Upload::new(&self.planner.storage().managed_dir(), "zarr");
+        let (to, frame, column) = (upload.path.clone(), element.to_string(), name.to_string());
+        // The copy runs to its end even if the request is dropped; `upload` goes with it then.
+        tokio::task::spawn_blocking(move || {
+            formats::add_column(&source, &to, &frame, &column, &values)
         })
         .await
-        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))
-        .and_then(|r| r);
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_dir_all(&upload).await;
-            return Err(e);
-        }
-        let storage = self.planner.storage();
-        let upload_url = Url::from_directory_path(&upload)
-            .map_err(|_| Error::Internal(format!("bad upload path {}", upload.display())))?;
-        let hash = storage.hash(&storage.locate(&upload_url).await?).await?;
-        let target = dir.join(format!("{hash}.zarr"));
-        if target.exists() {
-            let _ = tokio::fs::remove_dir_all(&upload).await;
-        } else {
-            tokio::fs::rename(&upload, &target)
-                .await
-                .map_err(|e| Error::io(target.display(), e))?;
-        }
-        let url = Url::from_directory_path(&target)
-            .map_err(|_| Error::Internal(format!("bad managed path {}", target.display())))?;
-        self.register_url(url, key, record.description.clone(), true, true)
+        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))??;
+        self.commit(upload, lease, key, record.description.clone())
             .await
     }
 
-    /// Holds off sweeps while an upload is written and registered.
-    async fn upload_lease(&self) -> Result<std::fs::File> {
-        let path = self.planner.storage().managed_dir().join(UPLOADS_LOCK);
+    /// Takes one of managed storage's lock files, waiting for it.
+    async fn lock(&self, name: &'static str, how: Lock) -> Result<std::fs::File> {
+        let path = self.planner.storage().managed_dir().join(name);
         tokio::task::spawn_blocking(move || {
             let file = open_lock(&path)?;
-            file.lock_shared()
-                .map_err(|e| Error::io(path.display(), e))?;
+            match how {
+                Lock::Shared => file.lock_shared(),
+                Lock::Exclusive => file.lock(),
+            }
+            .map_err(|e| Error::io(path.display(), e))?;
             Ok(file)
         })
         .await
-        .map_err(|e| Error::Internal(format!("upload lease failed: {e}")))?
+        .map_err(|e| Error::Internal(format!("cannot lock {name}: {e}")))?
     }
 
     /// Removes what a crashed upload left in managed storage: partial `.upload-*` files, and
@@ -400,9 +456,22 @@ impl Registry {
             .catalog()
             .run(move |c| c.delete(&key, version.as_deref(), permanent))
             .await?;
+        if deleted.orphaned_paths.is_empty() {
+            return Ok(deleted.entries);
+        }
+        // No upload is between its rename and its commit while this is held, and what they
+        // committed is visible: a path that a record names again stays.
+        let _commits = self.lock(COMMITS_LOCK, Lock::Exclusive).await?;
+        let used: std::collections::HashSet<String> = self
+            .planner
+            .catalog()
+            .run(|c| c.managed_paths())
+            .await?
+            .into_iter()
+            .collect();
         let managed = self.planner.storage().managed_dir();
-        for path in deleted.orphaned_paths {
-            if let Some(file) = Url::parse(&path).ok().and_then(|u| u.to_file_path().ok())
+        for path in deleted.orphaned_paths.iter().filter(|p| !used.contains(*p)) {
+            if let Some(file) = Url::parse(path).ok().and_then(|u| u.to_file_path().ok())
                 && file.starts_with(&managed)
                 && let Err(e) = if file.is_dir() {
                     tokio::fs::remove_dir_all(&file).await

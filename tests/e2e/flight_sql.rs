@@ -429,6 +429,26 @@ async fn cancel_flight_info_stops_running_streams_and_refuses_the_tickets() -> T
         Some(Code::Cancelled)
     );
 
+    // The same query asked again is another flight, with tickets of its own: it runs.
+    let rerun = client
+        .execute("SELECT count(*) AS n FROM sorted".into(), None)
+        .await?;
+    let rerun_again = client
+        .execute("SELECT count(*) AS n FROM sorted".into(), None)
+        .await?;
+    assert_ne!(rerun.endpoint[0].ticket, rerun_again.endpoint[0].ticket);
+    let request = arrow_flight::CancelFlightInfoRequest {
+        info: Some(rerun.clone()),
+    };
+    client
+        .do_action(Action::new("CancelFlightInfo", request.encode_to_vec()))
+        .await?
+        .try_collect::<Vec<_>>()
+        .await?;
+    let ticket = rerun_again.endpoint[0].ticket.clone().ok_or("no ticket")?;
+    let batches: Vec<_> = client.do_get(ticket).await?.try_collect().await?;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+
     // Plain Flight goes on on the same port.
     let plain = server.client().await?;
     let flights = plain.list(None).await?;

@@ -204,6 +204,7 @@ fn ticket_decoder_never_panics() {
                 uids: vec!["KLHFjHDq5v43xnEV0001".into()],
                 partition: 1,
                 partition_count: 3,
+                flight: 42,
             }
             .encode()
         })
@@ -230,7 +231,8 @@ const FILTER_SEEDS: &[&str] = &[
 ];
 
 /// Filters through the real path: planned and executed by DataFusion over the demo's shards, as
-/// GetFlightInfo and DoGet run them, then sent through a server to check the status it answers.
+/// GetFlightInfo and DoGet run them; each error is turned into the status the server would send.
+/// Afterwards the server must still answer the seeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_path_answers_or_refuses() -> TestResult {
     let server = demo_server().await?;

@@ -157,6 +157,39 @@ async fn files_ruled_out_by_statistics_get_no_endpoint() -> TestResult {
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((planned.endpoint_count(), ids))
         }
     };
+    // The same rows as a registry that prunes nothing, for every filter below.
+    let mut config = artiflight_server::query::session_config(2);
+    config.options_mut().execution.parquet.pruning = false;
+    let unpruned = registry_with(&dir.path().join("data2"), config);
+    unpruned
+        .register(folder.to_str().unwrap_or_default(), "sorted", None, true)
+        .await?;
+    for filter in [
+        "id >= 41000 AND id < 41010",
+        "id < 0",
+        "id < 5 OR id >= 79995",
+        "label = 'l3'",
+    ] {
+        let command = Command {
+            key: Some("sorted".into()),
+            filter: Some(filter.into()),
+            ..Default::default()
+        };
+        let resolved = unpruned.planner().resolve(&command).await?;
+        let planned = unpruned.planner().plan(&command, &resolved.sources).await?;
+        assert_eq!(
+            planned.endpoint_count(),
+            2,
+            "pruning off keeps every partition"
+        );
+        let mut all = Vec::new();
+        for p in 0..planned.endpoint_count() {
+            let batches: Vec<_> = planned.execute(p)?.try_collect().await?;
+            all.extend(column_strings(&batches, "id"));
+        }
+        assert_eq!(endpoints(filter).await?.1, all, "{filter}");
+    }
+
     let (count, ids) = endpoints("id >= 41000 AND id < 41010").await?;
     assert_eq!((count, ids.len()), (1, 10));
     let (count, ids) = endpoints("id < 0").await?;

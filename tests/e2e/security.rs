@@ -280,11 +280,27 @@ async fn rows_per_request_and_request_time_are_bounded() -> TestResult {
 
 #[tokio::test]
 async fn shutdown_ends_running_streams_after_the_grace() -> TestResult {
-    let (server, tickets) =
-        big_server(|o| o.limits.shutdown_grace = Duration::from_millis(300)).await?;
+    let (server, tickets) = big_server(|o| {
+        o.limits.shutdown_grace = Duration::from_millis(300);
+        o.limits.max_streams = Some(1);
+        o.limits.queue_timeout = Duration::from_secs(30);
+    })
+    .await?;
     let mut stream = flight(&server)?.do_get(tickets[0].clone()).await?;
     assert!(stream.next().await.transpose()?.is_some());
+    // A second DoGet waits for the one permit, which the first stream holds.
+    let mut waiting = flight(&server)?;
+    let ticket = tickets[0].clone();
+    let queued = tokio::spawn(async move { waiting.do_get(ticket).await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let shutdown = tokio::spawn(server.shutdown());
+    // The shutdown tells it at once, not after its 30 s queue timeout.
+    let refused = tokio::time::timeout(Duration::from_secs(5), queued).await??;
+    let refused = refused
+        .err()
+        .ok_or("a stream started during the shutdown")?;
+    assert_eq!(status_code(&refused), Some(Code::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("shutting down"), "{refused}");
     // A slow reader: the whole stream would take seconds, longer than the grace.
     let mut ended = None;
     for _ in 0..1_000 {
@@ -292,6 +308,7 @@ async fn shutdown_ends_running_streams_after_the_grace() -> TestResult {
             Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Some(Err(e)) => {
                 ended = status_code(&e);
+                assert!(e.to_string().contains("shutting down"), "{e}");
                 break;
             }
             None => break,
@@ -304,5 +321,171 @@ async fn shutdown_ends_running_streams_after_the_grace() -> TestResult {
     );
     let took = shutdown.await??;
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    Ok(())
+}
+
+/// Every RPC but the Handshake asks for a token, and every write asks for a write token: one
+/// table over the whole service, Flight SQL included, so that a route that skips the check fails.
+#[tokio::test]
+async fn every_call_checks_the_token() -> TestResult {
+    use arrow_flight::flight_service_client::FlightServiceClient;
+    use arrow_flight::sql::{CommandStatementQuery, ProstMessageExt};
+    use arrow_flight::{Action, Criteria, Empty, FlightData, FlightDescriptor};
+    use prost::Message;
+
+    let server = TestServer::start_with(|o| o.auth = true).await?;
+    register_demo(&server).await?;
+    let reader = token(&server, "reader", Role::Read).await?;
+    let ticket = with_token(&server, Some(&reader))
+        .await?
+        .info(&Request::key("sharded_parquet"))
+        .await?
+        .endpoint[0]
+        .ticket
+        .clone()
+        .ok_or("no ticket")?;
+
+    let channel = Channel::from_shared(server.url.replace("grpc://", "http://"))?
+        .connect()
+        .await?;
+    let mut raw = FlightServiceClient::new(channel);
+    fn request<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(t) = token
+            && let Ok(value) = format!("Bearer {t}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+    fn code<T>(r: Result<T, tonic::Status>) -> Option<Code> {
+        r.err().map(|s| s.code())
+    }
+    let sql = FlightDescriptor::new_cmd(
+        CommandStatementQuery {
+            query: "SELECT 1".into(),
+            transaction_id: None,
+        }
+        .as_any()
+        .encode_to_vec(),
+    );
+    let path = FlightDescriptor::new_path(vec!["sharded_parquet".into()]);
+    // DoPut's first message: a schema under a path descriptor, or an add_column command.
+    let upload = |descriptor: FlightDescriptor| -> Vec<FlightData> {
+        let schema = arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+            "x",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]);
+        let ipc: arrow_flight::IpcMessage =
+            arrow_flight::SchemaAsIpc::new(&schema, &Default::default())
+                .try_into()
+                .expect("schema");
+        vec![FlightData {
+            flight_descriptor: Some(descriptor),
+            data_header: ipc.0,
+            ..Default::default()
+        }]
+    };
+    let add_column = FlightDescriptor::new_cmd(serde_json::to_vec(
+        &json!({"action": "add_column", "key": "k", "element": "obs", "name": "n"}),
+    )?);
+
+    for token in [None, Some("afl_not-a-token")] {
+        let want = Some(Code::Unauthenticated);
+        assert_eq!(
+            code(raw.list_flights(request(token, Criteria::default())).await),
+            want,
+            "ListFlights"
+        );
+        assert_eq!(
+            code(raw.list_actions(request(token, Empty {})).await),
+            want,
+            "ListActions"
+        );
+        assert_eq!(
+            code(raw.get_flight_info(request(token, path.clone())).await),
+            want,
+            "GetFlightInfo"
+        );
+        assert_eq!(
+            code(raw.get_flight_info(request(token, sql.clone())).await),
+            want,
+            "Flight SQL"
+        );
+        assert_eq!(
+            code(raw.get_schema(request(token, path.clone())).await),
+            want,
+            "GetSchema"
+        );
+        assert_eq!(
+            code(raw.poll_flight_info(request(token, path.clone())).await),
+            want,
+            "PollFlightInfo"
+        );
+        assert_eq!(
+            code(raw.do_get(request(token, ticket.clone())).await),
+            want,
+            "DoGet"
+        );
+        let describe = Action::new("describe", r#"{"key": "sharded_parquet"}"#);
+        assert_eq!(
+            code(raw.do_action(request(token, describe)).await),
+            want,
+            "describe"
+        );
+        let prepare = Action::new(
+            "CreatePreparedStatement",
+            arrow_flight::sql::ActionCreatePreparedStatementRequest {
+                query: "SELECT 1".into(),
+                transaction_id: None,
+            }
+            .as_any()
+            .encode_to_vec(),
+        );
+        assert_eq!(
+            code(raw.do_action(request(token, prepare)).await),
+            want,
+            "prepare"
+        );
+        let put = futures::stream::iter(upload(path.clone()));
+        assert_eq!(code(raw.do_put(request(token, put)).await), want, "DoPut");
+        let exchange = futures::stream::iter(upload(path.clone()));
+        assert_eq!(
+            code(raw.do_exchange(request(token, exchange)).await),
+            want,
+            "DoExchange"
+        );
+    }
+
+    // A read token reads, and every write is PERMISSION_DENIED.
+    let read = Some(reader.as_str());
+    assert!(
+        raw.list_flights(request(read, Criteria::default()))
+            .await
+            .is_ok()
+    );
+    assert!(raw.get_schema(request(read, path.clone())).await.is_ok());
+    assert!(raw.get_flight_info(request(read, sql)).await.is_ok());
+    let want = Some(Code::PermissionDenied);
+    for descriptor in [path.clone(), add_column] {
+        let put = futures::stream::iter(upload(descriptor));
+        let answer = match raw.do_put(request(read, put)).await {
+            Ok(response) => futures::TryStreamExt::try_collect::<Vec<_>>(response.into_inner())
+                .await
+                .map(|_| ()),
+            Err(status) => Err(status),
+        };
+        assert_eq!(code(answer), want, "DoPut");
+    }
+    let body = json!({"key": "k", "element": "obs", "name": "n", "values": [1]}).to_string();
+    assert_eq!(
+        code(
+            raw.do_action(request(read, Action::new("add_column", body)))
+                .await
+        ),
+        want,
+        "add_column"
+    );
     Ok(())
 }

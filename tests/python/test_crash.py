@@ -38,7 +38,7 @@ def records(client):
 
 
 def managed_files(data_dir: pathlib.Path):
-    return sorted(p.name for p in (data_dir / "objects").iterdir() if p.name != ".uploads.lock")
+    return sorted(p.name for p in (data_dir / "objects").iterdir() if not p.name.endswith(".lock"))
 
 
 def check_consistent(server, before):

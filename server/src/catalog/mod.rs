@@ -179,10 +179,13 @@ pub struct NewArtifact {
 /// A bearer token as the catalog keeps it: its name, role and hash (never the token itself).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TokenRecord {
+    /// Unique; the user name in basic auth.
     pub name: String,
     pub role: crate::auth::Role,
+    /// [`crate::auth::Token::hash_of`] the token; never listed.
     #[serde(skip)]
     pub hash: String,
+    /// UTC, RFC 3339.
     pub created_at: String,
 }
 

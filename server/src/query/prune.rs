@@ -90,7 +90,8 @@ fn pruned_scan(node: &dyn ExecutionPlan) -> Option<Arc<dyn ExecutionPlan>> {
     let keep = pruning
         .prune(&PrunableStatistics::new(
             statistics,
-            Arc::clone(config.file_schema()),
+            // File statistics list the file's columns, then the partition columns' values.
+            Arc::clone(source.table_schema().table_schema()),
         ))
         .ok()?;
     if keep.iter().all(|k| *k) {

@@ -66,6 +66,8 @@ pub struct Statement {
     pub versions: BTreeMap<String, String>,
     pub partition: usize,
     pub partition_count: usize,
+    /// Ticket only: which flight it belongs to (random per GetFlightInfo); cancels go by it.
+    pub flight: u64,
 }
 
 impl Statement {
@@ -98,6 +100,7 @@ impl Statement {
             versions: self.versions.clone().into_iter().collect(),
             partition: self.partition as u32,
             partition_count: self.partition_count as u32,
+            flight: self.flight,
         }
         .encode_to_vec())
     }
@@ -131,6 +134,7 @@ impl Statement {
             versions: message.versions.into_iter().collect(),
             partition: message.partition as usize,
             partition_count: message.partition_count as usize,
+            flight: message.flight,
         })
     }
 }
@@ -613,6 +617,7 @@ mod tests {
             versions: [("t".to_string(), "u".to_string())].into(),
             partition: 1,
             partition_count: 2,
+            flight: 7,
         };
         assert_eq!(Statement::decode(&statement.encode()?)?, statement);
         assert!(Statement::decode(b"\xff\x01").is_err());

@@ -14,6 +14,8 @@ pub struct TicketSpec {
     pub uids: Vec<String>,
     pub partition: usize,
     pub partition_count: usize,
+    /// Which flight this ticket belongs to (random per GetFlightInfo); cancels go by it.
+    pub flight: u64,
 }
 
 impl TicketSpec {
@@ -24,6 +26,7 @@ impl TicketSpec {
             uids: self.uids.clone(),
             partition: self.partition as u32,
             partition_count: self.partition_count as u32,
+            flight: self.flight,
         }
         .encode_to_vec()
     }
@@ -46,6 +49,7 @@ impl TicketSpec {
             uids: ticket.uids,
             partition: ticket.partition as usize,
             partition_count: ticket.partition_count as usize,
+            flight: ticket.flight,
         })
     }
 }

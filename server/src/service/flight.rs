@@ -174,6 +174,7 @@ impl FlightHandler {
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
         let partition_count = planned.endpoint_count();
+        let flight = rand::random::<u64>();
         let tickets: Vec<bytes::Bytes> = (0..partition_count)
             .map(|partition| {
                 let ticket = TicketSpec {
@@ -181,6 +182,7 @@ impl FlightHandler {
                     uids: uids.clone(),
                     partition,
                     partition_count,
+                    flight,
                 };
                 ticket.encode().into()
             })

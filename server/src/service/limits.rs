@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow_flight::FlightData;
 use futures::{FutureExt, Stream, StreamExt};
@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 pub struct Limits {
     /// Concurrent DoGet streams; further DoGets wait up to `queue_timeout`.
     pub max_streams: Option<usize>,
+    /// How long a DoGet waits for a stream permit before RESOURCE_EXHAUSTED.
     pub queue_timeout: Duration,
     /// Largest gRPC message a client may send (DoPut batches) or receive.
     pub max_message_bytes: usize,
@@ -53,7 +54,7 @@ impl Default for Limits {
 /// Parses a duration such as `500ms`, `1s`, `2m` or `1h` (a bare number is seconds).
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 /// use artiflight_server::service::parse_duration;
 /// assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
 /// assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
@@ -89,7 +90,8 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 pub(super) struct Governor {
     pub(super) limits: Limits,
     streams: Option<Arc<Semaphore>>,
-    stopping: watch::Sender<bool>,
+    /// When the shutdown began, once it has.
+    stopping: watch::Sender<Option<Instant>>,
 }
 
 impl Governor {
@@ -99,12 +101,17 @@ impl Governor {
                 .max_streams
                 .map(|n| Arc::new(Semaphore::new(n.max(1)))),
             limits,
-            stopping: watch::channel(false).0,
+            stopping: watch::channel(None).0,
         }
     }
 
-    /// Waits for a stream permit, up to the queue timeout.
+    /// Waits for a stream permit, up to the queue timeout. Once the server is shutting down no
+    /// stream starts, and those waiting are told so at once.
     pub(super) async fn admit(&self) -> Result<Option<OwnedSemaphorePermit>> {
+        let shutting_down = || Error::Unavailable("the server is shutting down".into());
+        if self.stopping.borrow().is_some() {
+            return Err(shutting_down());
+        }
         let Some(streams) = &self.streams else {
             return Ok(None);
         };
@@ -115,7 +122,8 @@ impl Governor {
         .await
         {
             Ok(Ok(permit)) => Ok(Some(permit)),
-            Ok(Err(_)) => Err(Error::Unavailable("the server is shutting down".into())),
+            // The semaphore is closed by `stop`.
+            Ok(Err(_)) => Err(shutting_down()),
             Err(_) => Err(Error::ResourceExhausted(format!(
                 "{} streams are running, the server's limit (--max-streams); none ended within \
                  {:?} (--queue-timeout): try again later",
@@ -141,20 +149,32 @@ impl Governor {
         }
     }
 
-    /// Starts the shutdown: running streams get the grace period, then end.
+    /// Starts the shutdown: running streams get the grace period, then end; no stream starts.
     pub(super) fn stop(&self) {
-        self.stopping.send_replace(true);
+        self.stopping.send_if_modified(|at| {
+            let first = at.is_none();
+            at.get_or_insert_with(Instant::now);
+            first
+        });
+        if let Some(streams) = &self.streams {
+            streams.close();
+        }
     }
 
-    /// Resolves `grace` after [`Governor::stop`].
+    /// Resolves when the grace period that began with [`Governor::stop`] is over, however late
+    /// it is asked.
     fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut stopping = self.stopping.subscribe();
         let grace = self.limits.shutdown_grace;
         async move {
-            if stopping.wait_for(|stop| *stop).await.is_err() {
-                return std::future::pending().await;
+            let began = match stopping.wait_for(Option::is_some).await {
+                Ok(at) => *at,
+                Err(_) => None,
+            };
+            match began {
+                Some(at) => tokio::time::sleep_until((at + grace).into()).await,
+                None => std::future::pending().await,
             }
-            tokio::time::sleep(grace).await;
         }
     }
 

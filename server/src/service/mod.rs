@@ -26,7 +26,9 @@ use crate::error::{Error, Result};
 /// A TLS identity: a certificate chain and its private key, both PEM.
 #[derive(Clone)]
 pub struct Tls {
+    /// The certificate chain, leaf first.
     pub cert_pem: Vec<u8>,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_pem: Vec<u8>,
 }
 

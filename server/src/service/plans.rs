@@ -61,7 +61,12 @@ impl Plans {
     /// The plan and partition of `ticket`, if this server planned it moments ago.
     pub(super) fn take(&self, ticket: &[u8]) -> Option<(Arc<Planned>, usize)> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = entries.remove(ticket)?;
-        (entry.made.elapsed() < KEEP).then_some((entry.planned, entry.partition))
+        let entry = entries.remove(ticket);
+        // Expired plans go now too, not only when the next flight is planned: a plan whose
+        // other endpoints are never fetched must not outlive its keep.
+        let now = Instant::now();
+        entries.retain(|_, e| now.duration_since(e.made) < KEEP);
+        let entry = entry?;
+        (now.duration_since(entry.made) < KEEP).then_some((entry.planned, entry.partition))
     }
 }

@@ -97,12 +97,14 @@ impl SqlService {
     ) -> Result<FlightInfo> {
         let SqlPlan { planned, versions } = self.planner().sql_plan(&statement).await?;
         let partition_count = planned.endpoint_count();
+        let flight = rand::random::<u64>();
         let tickets = (0..partition_count)
             .map(|partition| {
                 let ticket = Statement {
                     versions: versions.clone(),
                     partition,
                     partition_count,
+                    flight,
                     ..statement.clone()
                 };
                 let ticket = TicketStatementQuery {

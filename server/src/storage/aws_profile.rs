@@ -27,8 +27,23 @@ pub(crate) fn from_env() -> Option<Profile> {
     let config = var("AWS_CONFIG_FILE")
         .map(PathBuf::from)
         .or_else(|| home.as_ref().map(|h| h.join(".aws/config")));
-    let name = var("AWS_PROFILE").unwrap_or_else(|| "default".into());
-    load(credentials.as_deref(), config.as_deref(), &name)
+    let named = var("AWS_PROFILE");
+    let name = named.clone().unwrap_or_else(|| "default".into());
+    let profile = load(credentials.as_deref(), config.as_deref(), &name);
+    if profile.is_none() && named.is_some() {
+        // The AWS CLI fails here; object_store would go on to other credentials unasked.
+        tracing::warn!(profile = %name, "AWS_PROFILE names a profile that no AWS file has");
+    }
+    if let Some(p) = &profile
+        && p.access_key_id.is_none()
+        && named.is_some()
+    {
+        tracing::warn!(
+            profile = %name,
+            "the profile has no static keys (role_arn, sso and credential_process are not read)"
+        );
+    }
+    profile
 }
 
 /// Reads profile `name` from a credentials file and a config file (where it is `[profile NAME]`,
@@ -47,7 +62,11 @@ pub(crate) fn load(
     } else {
         format!("profile {name}")
     };
-    let from_conf = conf.as_ref().and_then(|s| s.get(&config_name));
+    // `[profile default]` is accepted for the default profile too, as the AWS CLI does.
+    let from_conf = conf.as_ref().and_then(|s| {
+        s.get(&config_name)
+            .or_else(|| s.get(&format!("profile {name}")))
+    });
     if from_creds.is_none() && from_conf.is_none() {
         return None;
     }
