@@ -4,6 +4,8 @@ uploads are swept, and every earlier artifact reads back identical."""
 import json
 import pathlib
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -153,3 +155,36 @@ def test_kill_during_register(tmp_path):
             assert got.num_rows == expected.num_rows
             assert now["many"]["n_files"] == 150
     server.stop()
+
+
+def test_an_upload_whose_client_goes_leaves_nothing(tmp_path):
+    s = Server(tmp_path)
+    uploader = (
+        "import sys, time, pyarrow as pa, pyarrow.flight as flight\n"
+        "client = flight.connect(sys.argv[1])\n"
+        "batch = pa.record_batch({'n': pa.array(range(50_000))})\n"
+        "writer, _ = client.do_put(flight.FlightDescriptor.for_path('abandoned'), batch.schema)\n"
+        "writer.write_batch(batch)\n"
+        "time.sleep(600)\n"
+    )
+    client = None
+    try:
+        objects = s.data_dir / "objects"
+        proc = subprocess.Popen([sys.executable, "-c", uploader, s.url])
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any(p.name.startswith(".upload-") for p in objects.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the upload never started"
+            time.sleep(0.05)
+        # The client vanishes mid-stream: its connection closes without a word.
+        proc.kill()
+        proc.wait(timeout=TIMEOUT_S)
+        deadline = time.monotonic() + 10
+        while any(p.name.startswith(".upload-") for p in objects.iterdir()):
+            assert time.monotonic() < deadline, "the abandoned upload's file stayed"
+            time.sleep(0.05)
+        client = s.client()
+        assert "abandoned" not in records(client)
+    finally:
+        if client is not None:
+            client.close()
+        s.stop()
