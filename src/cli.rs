@@ -174,6 +174,9 @@ struct Serve {
     /// Time to answer a call or start a stream (0: no limit); uploads are not bounded by it.
     #[arg(long, env = "ARTIFLIGHT_REQUEST_TIMEOUT", default_value = "300s")]
     request_timeout: String,
+    /// Remote byte ranges kept on disk under the data dir for repeated reads (0: no cache).
+    #[arg(long, env = "ARTIFLIGHT_CACHE_SIZE", default_value = "1GiB")]
+    cache_size: String,
     /// After SIGTERM, how long running streams may finish before they are ended.
     #[arg(long, env = "ARTIFLIGHT_SHUTDOWN_GRACE", default_value = "10s")]
     shutdown_grace: String,
@@ -421,6 +424,7 @@ async fn run_token(global: &Global, command: TokenCommand) -> Result<()> {
 async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
     let mut opts = options(global);
     opts.limits = limits(&serve)?;
+    opts.cache_bytes = parse_size(&serve.cache_size).context("--cache-size")?;
     opts.allow_roots = serve.allow_roots;
     if let Some(n) = serve.target_partitions {
         opts.target_partitions = n;

@@ -49,6 +49,8 @@ pub struct ServerOptions {
     /// Serve TLS with this identity.
     pub tls: Option<Tls>,
     pub limits: Limits,
+    /// Bytes of remote ranges kept on disk under the data dir for repeated reads (0: none).
+    pub cache_bytes: u64,
 }
 
 impl ServerOptions {
@@ -62,6 +64,7 @@ impl ServerOptions {
             auth: false,
             tls: None,
             limits: Limits::default(),
+            cache_bytes: 1 << 30,
         }
     }
 }
@@ -76,7 +79,10 @@ pub struct Server {
 impl Server {
     /// Opens (creating if needed) the data dir and its catalog.
     pub fn open(options: &ServerOptions) -> Result<Self> {
-        let storage = Arc::new(Storage::new(&options.data_dir, &options.allow_roots)?);
+        let storage = Arc::new(
+            Storage::new(&options.data_dir, &options.allow_roots)?
+                .with_range_cache(options.cache_bytes)?,
+        );
         let catalog = Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?;
         let planner = Planner::new(catalog, storage, session_config(options.target_partitions));
         Ok(Self {

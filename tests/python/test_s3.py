@@ -127,7 +127,18 @@ def upload(s3, local: pathlib.Path, prefix: str):
 
 @pytest.fixture(scope="module")
 def remote_server(s3, tmp_path_factory):
-    server = Server(tmp_path_factory.mktemp("s3-server"), "--allow-root", f"s3://{BUCKET}/allowed", env=s3["env"])
+    """Without the range cache: what the proxy counts is what each request reads from storage."""
+    server = Server(tmp_path_factory.mktemp("s3-server"), "--allow-root", f"s3://{BUCKET}/allowed",
+                    "--cache-size", "0", env=s3["env"])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cached_server(s3, tmp_path_factory):
+    """With the range cache, as servers run by default."""
+    server = Server(tmp_path_factory.mktemp("s3-cached"), "--allow-root", f"s3://{BUCKET}/allowed",
+                    "--cache-size", "256MiB", env=s3["env"])
     yield server
     server.stop()
 
@@ -205,6 +216,43 @@ def test_parquet_pushdown_holds_remotely(s3, remote_server, tmp_path):
     # That column's chunks, and the footer; the other nine columns stay in storage.
     assert c3 <= fetched < c3 + 2 * 1024 * 1024, (fetched, c3, size)
     assert fetched < size / 5
+    client.close()
+
+
+def test_repeated_reads_come_from_the_range_cache(s3, cached_server, tmp_path):
+    path = tmp_path / "cached.parquet"
+    n = 200_000
+    pq.write_table(pa.table({"id": pa.array(np.arange(n)), "x": pa.array(np.random.default_rng(5).random(n)),
+                             "y": pa.array(np.random.default_rng(6).random(n))}), path, row_group_size=20_000)
+    upload(s3, path, "allowed/cached.parquet")
+    client = cached_server.client()
+    register(client, f"s3://{BUCKET}/allowed/cached.parquet", "cached")
+    s3["proxy"].take()
+    first, _ = read(client, key="cached", columns=["x"])
+    fetched = sum(r["bytes"] for r in s3["proxy"].take() if r["method"] == "GET")
+    # The same read again: nothing is fetched but what says whether the object changed.
+    again, _ = read(client, key="cached", columns=["x"])
+    refetched = sum(r["bytes"] for r in s3["proxy"].take() if r["method"] == "GET")
+    print(f"1 of 3 columns: {fetched} bytes fetched, then {refetched} from storage the second time")
+    assert again.equals(first) and first.num_rows == n
+    assert fetched > 0 and refetched == 0, (fetched, refetched)
+    assert any((cached_server.data_dir / "cache").iterdir())
+    client.close()
+
+
+def test_a_changed_object_is_never_read_from_the_cache(s3, cached_server, tmp_path):
+    path = tmp_path / "changing.parquet"
+    pq.write_table(pa.table({"v": pa.array(range(1000))}), path)
+    upload(s3, path, "allowed/changing.parquet")
+    client = cached_server.client()
+    register(client, f"s3://{BUCKET}/allowed/changing.parquet", "changing")
+    first, _ = read(client, key="changing")
+    assert first.column("v").to_pylist() == list(range(1000))
+    # The object is overwritten in place with other values of the same size.
+    pq.write_table(pa.table({"v": pa.array(range(1000, 2000))}), path)
+    upload(s3, path, "allowed/changing.parquet")
+    second, _ = read(client, key="changing")
+    assert second.column("v").to_pylist() == list(range(1000, 2000))
     client.close()
 
 

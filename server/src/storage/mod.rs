@@ -2,6 +2,7 @@
 //! bound what a server may read, managed storage for uploads, listing and content hashing.
 
 mod aws_profile;
+mod cache;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,8 @@ pub struct Storage {
     data_dir: PathBuf,
     roots: Vec<Root>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+    /// Remote reads go through this when set.
+    cache: Option<Arc<cache::RangeCache>>,
 }
 
 impl Storage {
@@ -167,7 +170,20 @@ impl Storage {
             data_dir,
             roots,
             stores: Mutex::new(HashMap::new()),
+            cache: None,
         })
+    }
+
+    /// Keeps up to `bytes` of remote ranges read in `cache/` under the data dir (0: none).
+    pub fn with_range_cache(mut self, bytes: u64) -> Result<Self> {
+        self.cache = match bytes {
+            0 => None,
+            limit => Some(Arc::new(cache::RangeCache::open(
+                self.data_dir.join("cache"),
+                limit,
+            )?)),
+        };
+        Ok(self)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -246,7 +262,16 @@ impl Storage {
         if let Some(store) = stores.get(&base) {
             return Ok((Arc::clone(store), path));
         }
-        let store = build_store(url)?;
+        let mut store = build_store(url)?;
+        if let Some(cache) = &self.cache
+            && url.scheme() != "file"
+        {
+            store = Arc::new(cache::CachedStore::new(
+                store,
+                Arc::clone(cache),
+                base.clone(),
+            ));
+        }
         stores.insert(base, Arc::clone(&store));
         Ok((store, path))
     }
