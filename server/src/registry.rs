@@ -352,14 +352,19 @@ impl Registry {
         let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "zarr");
         let (to, frame, column) = (upload.path.clone(), element.to_string(), name.to_string());
-        // The copy runs to its end even if the request is dropped; `upload` goes with it then.
-        tokio::task::spawn_blocking(move || {
-            formats::add_column(&source, &to, &frame, &column, &values)
+        let (this, key, description) = (self.clone(), key.to_string(), record.description.clone());
+        // One task owns the copy, the upload and the lock until the record is committed: a
+        // dropped request cannot remove the folder while the copy still writes into it.
+        tokio::spawn(async move {
+            tokio::task::spawn_blocking(move || {
+                formats::add_column(&source, &to, &frame, &column, &values)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("add_column failed: {e}")))??;
+            this.commit(upload, lease, &key, description).await
         })
         .await
-        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))??;
-        self.commit(upload, lease, key, record.description.clone())
-            .await
+        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))?
     }
 
     /// Takes one of managed storage's lock files, waiting for it.
@@ -397,7 +402,7 @@ impl Registry {
             }
             let used: std::collections::HashSet<std::ffi::OsString> = catalog
                 .store()
-                .managed_paths()?
+                .artifact_paths()?
                 .iter()
                 .filter_map(|p| Url::parse(p).ok()?.to_file_path().ok())
                 .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
@@ -465,7 +470,7 @@ impl Registry {
         let used: std::collections::HashSet<String> = self
             .planner
             .catalog()
-            .run(|c| c.managed_paths())
+            .run(|c| c.artifact_paths())
             .await?
             .into_iter()
             .collect();

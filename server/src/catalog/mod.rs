@@ -217,8 +217,9 @@ pub trait CatalogStore: Send + Sync {
     fn versions(&self, key: &str) -> Result<Vec<Entry>>;
     /// Trashes (or with `permanent`, deletes) one version, or every version of the key.
     fn delete(&self, key: &str, uid: Option<&str>, permanent: bool) -> Result<Deleted>;
-    /// Every path that a managed artifact record uses, trashed ones included.
-    fn managed_paths(&self) -> Result<Vec<String>>;
+    /// Every path that an artifact record uses, managed or not, trashed ones included: what
+    /// managed storage must keep.
+    fn artifact_paths(&self) -> Result<Vec<String>>;
     /// Stores a new token's hash under a name not yet in use.
     fn create_token(&self, name: &str, role: crate::auth::Role, hash: &str) -> Result<TokenRecord>;
     /// The live tokens, by name.

@@ -521,10 +521,9 @@ impl CatalogStore for SqliteCatalog {
         })
     }
 
-    fn managed_paths(&self) -> Result<Vec<String>> {
+    fn artifact_paths(&self) -> Result<Vec<String>> {
         self.read(|conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT DISTINCT path FROM artifacts WHERE managed = 1")?;
+            let mut stmt = conn.prepare_cached("SELECT DISTINCT path FROM artifacts")?;
             let rows = stmt.query_map([], |r| r.get(0))?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
         })

@@ -172,7 +172,11 @@ impl Governor {
                 Err(_) => None,
             };
             match began {
-                Some(at) => tokio::time::sleep_until((at + grace).into()).await,
+                // An absurd grace that overflows the clock means waiting for ever.
+                Some(at) => match at.checked_add(grace) {
+                    Some(end) => tokio::time::sleep_until(end.into()).await,
+                    None => std::future::pending().await,
+                },
                 None => std::future::pending().await,
             }
         }

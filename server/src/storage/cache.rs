@@ -8,7 +8,7 @@
 //! when older than [`FRESH`]. Files are immutable once written, named by their key, and the least
 //! recently used go first when the cache is full.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,14 @@ const FRESH: Duration = Duration::from_secs(10);
 /// Reads larger than this pass through uncached: one would evict much for little.
 const LARGEST_ENTRY: u64 = 64 * 1024 * 1024;
 
+/// Reads with this in their [`GetOptions::extensions`] pass by the cache: hashing a file at
+/// registration reads it whole once, which would only evict what range reads use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Uncached;
+
+/// At most this many object versions are remembered; beyond it, only fresh ones are kept.
+const VERSIONS: usize = 100_000;
+
 /// The cache's files and their index.
 pub(crate) struct RangeCache {
     dir: PathBuf,
@@ -43,8 +51,55 @@ pub(crate) struct RangeCache {
 struct Index {
     /// Key -> (bytes, last use).
     entries: HashMap<String, (u64, u64)>,
+    /// Last use -> key: the least recently used first.
+    order: BTreeMap<u64, String>,
     total: u64,
     clock: u64,
+}
+
+impl Index {
+    fn touch(&mut self, key: &str) -> Option<u64> {
+        self.clock += 1;
+        let clock = self.clock;
+        let (size, used) = self.entries.get_mut(key)?;
+        self.order.remove(used);
+        *used = clock;
+        let size = *size;
+        self.order.insert(clock, key.to_string());
+        Some(size)
+    }
+
+    fn insert(&mut self, key: String, size: u64) {
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        self.clock += 1;
+        self.order.insert(self.clock, key.clone());
+        self.entries.insert(key, (size, self.clock));
+        self.total += size;
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((size, used)) = self.entries.remove(key) {
+            self.order.remove(&used);
+            self.total = self.total.saturating_sub(size);
+        }
+    }
+
+    /// Takes the least recently used keys out until `target` bytes remain.
+    fn shrink_to(&mut self, target: u64) -> Vec<String> {
+        let mut doomed = Vec::new();
+        while self.total > target {
+            let Some((_, key)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((size, _)) = self.entries.remove(&key) {
+                self.total = self.total.saturating_sub(size);
+            }
+            doomed.push(key);
+        }
+        doomed
+    }
 }
 
 impl RangeCache {
@@ -67,41 +122,54 @@ impl RangeCache {
         found.sort();
         let mut index = Index::default();
         for (_, name, size) in found {
-            index.clock += 1;
-            index.total += size;
-            index.entries.insert(name, (size, index.clock));
+            index.insert(name, size);
         }
-        let cache = Self {
+        let doomed = index.shrink_to(limit);
+        for key in doomed {
+            let _ = std::fs::remove_file(dir.join(key));
+        }
+        Ok(Self {
             dir,
             limit,
             index: Mutex::new(index),
-        };
-        cache.evict();
-        Ok(cache)
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Bytes held.
+    #[cfg(test)]
+    fn size(&self) -> u64 {
+        self.lock().total
+    }
+
+    /// The entry's bytes, if it is held whole.
     async fn get(&self, key: &str) -> Option<Bytes> {
-        {
-            let mut index = self.lock();
-            index.clock += 1;
-            let clock = index.clock;
-            index.entries.get_mut(key)?.1 = clock;
-        }
+        let size = self.lock().touch(key)?;
         match tokio::fs::read(self.dir.join(key)).await {
-            Ok(bytes) => Some(bytes.into()),
-            Err(_) => {
-                // Evicted by another process sharing the data dir: a miss.
-                let mut index = self.lock();
-                if let Some((size, _)) = index.entries.remove(key) {
-                    index.total -= size;
+            Ok(bytes) if bytes.len() as u64 == size => Some(bytes.into()),
+            Ok(_) => {
+                // Cut short (a crash while the disk was writing it): never served.
+                self.forget(key).await;
+                None
+            }
+            Err(e) => {
+                // NotFound: another process sharing the data dir evicted it. Anything else: the
+                // file cannot be trusted either.
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::debug!(error = %e, "range cache: unreadable entry");
                 }
+                self.forget(key).await;
                 None
             }
         }
+    }
+
+    async fn forget(&self, key: &str) {
+        self.lock().remove(key);
+        let _ = tokio::fs::remove_file(self.dir.join(key)).await;
     }
 
     async fn put(&self, key: String, bytes: &Bytes) {
@@ -109,12 +177,15 @@ impl RangeCache {
         if size > LARGEST_ENTRY.min(self.limit) || self.lock().entries.contains_key(&key) {
             return;
         }
-        // Written aside, then renamed: a reader never sees half an entry.
+        // Written aside, synced, then renamed: a reader never sees part of an entry, not even
+        // after a power loss.
         let temp = self
             .dir
             .join(format!(".{key}.{:08x}", rand::random::<u32>()));
         let written = async {
-            tokio::fs::write(&temp, bytes).await?;
+            let mut file = tokio::fs::File::create(&temp).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+            file.sync_data().await?;
             tokio::fs::rename(&temp, self.dir.join(&key)).await
         }
         .await;
@@ -123,52 +194,28 @@ impl RangeCache {
             tracing::debug!(error = %e, "range cache: cannot write an entry");
             return;
         }
-        {
+        // Full: down to 90 %, so that eviction runs once per many writes, not per write.
+        let doomed = {
             let mut index = self.lock();
-            index.clock += 1;
-            let clock = index.clock;
-            if index.entries.insert(key, (size, clock)).is_none() {
-                index.total += size;
+            index.insert(key, size);
+            if index.total > self.limit {
+                index.shrink_to(self.limit / 10 * 9)
+            } else {
+                Vec::new()
             }
-        }
-        self.evict();
-    }
-
-    /// Removes the least recently used entries until the cache fits its limit.
-    fn evict(&self) {
-        let doomed: Vec<String> = {
-            let mut index = self.lock();
-            if index.total <= self.limit {
-                return;
-            }
-            let mut by_age: Vec<(u64, String, u64)> = index
-                .entries
-                .iter()
-                .map(|(k, (size, used))| (*used, k.clone(), *size))
-                .collect();
-            by_age.sort();
-            let mut doomed = Vec::new();
-            for (_, key, size) in by_age {
-                if index.total <= self.limit {
-                    break;
-                }
-                index.entries.remove(&key);
-                index.total -= size;
-                doomed.push(key);
-            }
-            doomed
         };
-        for key in doomed {
-            let _ = std::fs::remove_file(self.dir.join(key));
+        if !doomed.is_empty() {
+            let dir = self.dir.clone();
+            tokio::task::spawn_blocking(move || {
+                for key in doomed {
+                    let _ = std::fs::remove_file(dir.join(key));
+                }
+            });
         }
-    }
-
-    /// Bytes held.
-    #[cfg(test)]
-    fn size(&self) -> u64 {
-        self.lock().total
     }
 }
+
+type Versions = Mutex<HashMap<Path, (Instant, ObjectMeta)>>;
 
 /// An object store whose reads go through a [`RangeCache`].
 #[derive(Debug)]
@@ -177,7 +224,7 @@ pub(crate) struct CachedStore {
     cache: Arc<RangeCache>,
     /// The store's URL (`s3://bucket`), part of every key.
     base: String,
-    versions: Arc<Mutex<HashMap<Path, (Instant, ObjectMeta)>>>,
+    versions: Arc<Versions>,
 }
 
 impl std::fmt::Debug for RangeCache {
@@ -195,6 +242,15 @@ impl std::fmt::Display for CachedStore {
     }
 }
 
+/// An object's version as a key part: its ETag without weak marks and quotes (stores differ in
+/// how they quote it between listings and reads). `None` when it has none: such objects are not
+/// cached, since a same-size rewrite within a second would look unchanged.
+fn version_of(meta: &ObjectMeta) -> Option<String> {
+    let tag = meta.e_tag.as_deref()?;
+    let tag = tag.trim().trim_start_matches("W/").trim_matches('"');
+    (!tag.is_empty()).then(|| tag.to_string())
+}
+
 impl CachedStore {
     pub(crate) fn new(inner: Arc<dyn ObjectStore>, cache: Arc<RangeCache>, base: String) -> Self {
         Self {
@@ -205,9 +261,17 @@ impl CachedStore {
         }
     }
 
-    fn remember(versions: &Mutex<HashMap<Path, (Instant, ObjectMeta)>>, meta: &ObjectMeta) {
+    fn remember(versions: &Versions, meta: &ObjectMeta) {
         let mut versions = versions.lock().unwrap_or_else(|e| e.into_inner());
+        if versions.len() >= VERSIONS {
+            versions.retain(|_, (at, _)| at.elapsed() < FRESH);
+        }
         versions.insert(meta.location.clone(), (Instant::now(), meta.clone()));
+    }
+
+    fn forget(&self, location: &Path) {
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        versions.remove(location);
     }
 
     /// The object's current metadata: remembered if fresh, else asked for.
@@ -227,16 +291,45 @@ impl CachedStore {
         Ok(meta)
     }
 
-    fn key(&self, meta: &ObjectMeta, range: &Range<u64>) -> String {
-        let version = match &meta.e_tag {
-            Some(tag) => tag.clone(),
-            None => format!("{}@{}", meta.size, meta.last_modified.timestamp_micros()),
-        };
+    fn key(&self, meta: &ObjectMeta, range: &Range<u64>) -> Option<String> {
+        let version = version_of(meta)?;
         let id = format!(
             "{}\0{}\0{version}\0{}-{}",
             self.base, meta.location, range.start, range.end
         );
-        blake3::hash(id.as_bytes()).to_hex().to_string()
+        Some(blake3::hash(id.as_bytes()).to_hex().to_string())
+    }
+
+    /// Fetches `ranges`, checking that every answer comes from the object's version `meta`:
+    /// `None` if the object changed meanwhile, so that nothing is cached under the old version.
+    async fn fetch_version(
+        &self,
+        location: &Path,
+        meta: &ObjectMeta,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Option<Vec<Bytes>>> {
+        let expected = version_of(meta);
+        let changed = std::sync::atomic::AtomicBool::new(false);
+        let fetched = object_store::coalesce_ranges(
+            ranges,
+            |range| {
+                let (expected, changed) = (&expected, &changed);
+                async move {
+                    let options = GetOptions {
+                        range: Some(range.into()),
+                        ..Default::default()
+                    };
+                    let result = self.inner.get_opts(location, options).await?;
+                    if version_of(&result.meta) != *expected {
+                        changed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    result.bytes().await
+                }
+            },
+            object_store::OBJECT_STORE_COALESCE_DEFAULT,
+        )
+        .await?;
+        Ok((!changed.load(std::sync::atomic::Ordering::Relaxed)).then_some(fetched))
     }
 }
 
@@ -248,6 +341,7 @@ fn plain_read(options: &GetOptions) -> bool {
         && options.if_modified_since.is_none()
         && options.if_unmodified_since.is_none()
         && options.version.is_none()
+        && options.extensions.get::<Uncached>().is_none()
 }
 
 fn answer(meta: ObjectMeta, range: Range<u64>, bytes: Bytes) -> GetResult {
@@ -284,8 +378,11 @@ impl ObjectStore for CachedStore {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         if !plain_read(&options) {
+            let latest = options.version.is_none();
             let result = self.inner.get_opts(location, options).await?;
-            Self::remember(&self.versions, &result.meta);
+            if latest {
+                Self::remember(&self.versions, &result.meta);
+            }
             return Ok(result);
         }
         let meta = self.version(location).await?;
@@ -298,20 +395,25 @@ impl ObjectStore for CachedStore {
                 })?,
             None => 0..meta.size,
         };
-        if range.end - range.start <= LARGEST_ENTRY
-            && let Some(bytes) = self.cache.get(&self.key(&meta, &range)).await
+        let key = (range.end - range.start <= LARGEST_ENTRY)
+            .then(|| self.key(&meta, &range))
+            .flatten();
+        if let Some(key) = &key
+            && let Some(bytes) = self.cache.get(key).await
         {
             return Ok(answer(meta, range, bytes));
         }
         let result = self.inner.get_opts(location, options).await?;
         Self::remember(&self.versions, &result.meta);
-        if result.range.end - result.range.start > LARGEST_ENTRY {
+        if key.is_none() || result.range.end - result.range.start > LARGEST_ENTRY {
             return Ok(result);
         }
         // Keyed by what came back: if the object changed meanwhile, these are the new bytes.
         let (meta, range) = (result.meta.clone(), result.range.clone());
         let bytes = result.bytes().await?;
-        self.cache.put(self.key(&meta, &range), &bytes).await;
+        if let Some(key) = self.key(&meta, &range) {
+            self.cache.put(key, &bytes).await;
+        }
         Ok(answer(meta, range, bytes))
     }
 
@@ -323,9 +425,12 @@ impl ObjectStore for CachedStore {
         let meta = self.version(location).await?;
         let mut found: Vec<Option<Bytes>> = Vec::with_capacity(ranges.len());
         for range in ranges {
-            found.push(match range.end - range.start <= LARGEST_ENTRY {
-                true => self.cache.get(&self.key(&meta, range)).await,
-                false => None,
+            let key = (range.end - range.start <= LARGEST_ENTRY)
+                .then(|| self.key(&meta, range))
+                .flatten();
+            found.push(match key {
+                Some(key) => self.cache.get(&key).await,
+                None => None,
             });
         }
         let missing: Vec<Range<u64>> = ranges
@@ -334,17 +439,26 @@ impl ObjectStore for CachedStore {
             .filter(|(_, f)| f.is_none())
             .map(|(r, _)| r.clone())
             .collect();
-        if !missing.is_empty() {
-            let mut fetched = self.inner.get_ranges(location, &missing).await?.into_iter();
-            for (range, slot) in ranges.iter().zip(found.iter_mut()) {
-                if slot.is_none() {
-                    let bytes = fetched.next().ok_or_else(|| object_store::Error::Generic {
-                        store: "range cache",
-                        source: "the store returned fewer ranges than asked".into(),
-                    })?;
-                    self.cache.put(self.key(&meta, range), &bytes).await;
-                    *slot = Some(bytes);
+        if missing.is_empty() {
+            return Ok(found.into_iter().flatten().collect());
+        }
+        let Some(fetched) = self.fetch_version(location, &meta, &missing).await? else {
+            // The object changed since its version was learnt: the cached ranges are of the old
+            // one. Everything is read anew, and nothing is kept until the version is known.
+            self.forget(location);
+            return self.inner.get_ranges(location, ranges).await;
+        };
+        let mut fetched = fetched.into_iter();
+        for (range, slot) in ranges.iter().zip(found.iter_mut()) {
+            if slot.is_none() {
+                let bytes = fetched.next().ok_or_else(|| object_store::Error::Generic {
+                    store: "range cache",
+                    source: "the store returned fewer ranges than asked".into(),
+                })?;
+                if let Some(key) = self.key(&meta, range) {
+                    self.cache.put(key, &bytes).await;
                 }
+                *slot = Some(bytes);
             }
         }
         Ok(found.into_iter().flatten().collect())
@@ -415,6 +529,35 @@ mod tests {
             .map_err(storage)?;
         store.head(&path).await.map_err(storage)?;
         assert_eq!(store.get_range(&path, 2..5).await.map_err(storage)?, "cde");
+        // Changed behind the remembered version: the answer is the new bytes, and nothing is
+        // kept under the old version's key.
+        inner
+            .put(&path, Bytes::from_static(b"ABCDEFGHIJ").into())
+            .await
+            .map_err(storage)?;
+        let held = cache.size();
+        let middle = [Range { start: 5, end: 8 }];
+        assert_eq!(
+            store.get_ranges(&path, &middle).await.map_err(storage)?,
+            ["FGH"]
+        );
+        assert_eq!(cache.size(), held, "cached under the old version");
+        // The version is asked again, and then the new bytes are kept.
+        assert_eq!(
+            store.get_ranges(&path, &middle).await.map_err(storage)?,
+            ["FGH"]
+        );
+        assert_eq!(cache.size(), held + 3);
+        // Whole reads marked uncached pass by.
+        let mut extensions = object_store::Extensions::new();
+        extensions.insert(Uncached);
+        let options = GetOptions {
+            extensions,
+            ..Default::default()
+        };
+        let whole = store.get_opts(&path, options).await.map_err(storage)?;
+        assert_eq!(whole.bytes().await.map_err(storage)?, "ABCDEFGHIJ");
+        assert_eq!(cache.size(), held + 3);
         // Reopened, the cache keeps its entries and its bound.
         drop(store);
         let reopened = RangeCache::open(dir.path().join("cache"), 5)?;

@@ -351,9 +351,16 @@ impl Storage {
         let mut file_hashes = Vec::with_capacity(located.files.len());
         for file in &located.files {
             let mut hasher = blake3::Hasher::new();
+            // Read whole once: past the range cache, which would only keep it from range reads.
+            let mut extensions = object_store::Extensions::new();
+            extensions.insert(cache::Uncached);
+            let options = object_store::GetOptions {
+                extensions,
+                ..Default::default()
+            };
             let mut stream = located
                 .store
-                .get(&file.location)
+                .get_opts(&file.location, options)
                 .await
                 .map_err(|e| Error::storage(&file.location, e))?
                 .into_stream();
