@@ -164,3 +164,32 @@ def test_permission_denied_is_unauthorized(client, tmp_path):
 def test_unknown_action_is_invalid(client):
     with pytest.raises(pa.ArrowInvalid, match="frobnicate"):
         list(client.do_action(flight.Action("frobnicate", b"{}")))
+
+
+def test_null_partitions_read_as_pyarrow_reads_them(server, client):
+    # pyarrow writes a null partition value as `key=__HIVE_DEFAULT_PARTITION__`.
+    folder = server.files / "null_partitions"
+    table = pa.table({
+        "n": pa.array([1, 2, None, 4, None], pa.int32()),
+        "s": pa.array(["a", None, "b", "a", None]),
+        "v": pa.array([0.5, 1.5, 2.5, 3.5, 4.5]),
+    })
+    ds.write_dataset(table, folder, format="parquet", partitioning=["n", "s"], partitioning_flavor="hive")
+    body = json.dumps({"path": str(folder), "key": "null_partitions"}).encode()
+    record = json.loads(next(iter(client.do_action(flight.Action("register", body)))).body.to_pybytes())
+    assert record["n_observations"] == 5
+    expected = ds.dataset(folder, format="parquet", partitioning="hive")
+    _, got = read_all(client, flight.FlightDescriptor.for_path("null_partitions"))
+    want = expected.to_table()
+    assert got.schema.field("n").type == want.schema.field("n").type == pa.int32()
+    assert got.schema.field("s").type == pa.string()
+    assert sort_table(got.select(["v", "n", "s"]), ["v"]).equals(
+        sort_table(want.select(["v", "n", "s"]).cast(got.select(["v", "n", "s"]).schema), ["v"]))
+    for predicate, arrow_filter in [
+        ("n IS NULL", pc.field("n").is_null()),
+        ("s IS NULL AND n = 2", pc.field("s").is_null() & (pc.field("n") == 2)),
+        ("n > 1", pc.field("n") > 1),
+    ]:
+        _, got = read_all(client, cmd(key="null_partitions", filter=predicate, columns=["v"]))
+        want = expected.to_table(filter=arrow_filter, columns=["v"])
+        assert sorted(got.column("v").to_pylist()) == sorted(want.column("v").to_pylist()), predicate

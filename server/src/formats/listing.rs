@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use arrow::datatypes::DataType;
 use async_trait::async_trait;
+use datafusion::catalog::TableProvider;
+use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::arrow::ArrowFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
@@ -13,6 +15,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::logical_expr::{Expr, cast, lit, when};
 use datafusion::prelude::SessionContext;
 
 use super::{Format, Opened, Request};
@@ -67,6 +70,25 @@ impl Format for Listing {
         } else {
             Vec::new()
         };
+        // DataFusion reads a partition value as a literal of its column's type, so a null
+        // partition (pyarrow's `__HIVE_DEFAULT_PARTITION__`) is listed as text and turned into
+        // a null of the column's type above the listing.
+        let nulls: Vec<(String, DataType)> = partitions
+            .iter()
+            .filter(|p| p.has_null)
+            .map(|p| (p.name.clone(), p.data_type.clone()))
+            .collect();
+        let partitions: Vec<(String, DataType)> = partitions
+            .into_iter()
+            .map(|p| {
+                let listed = if p.has_null {
+                    DataType::Utf8
+                } else {
+                    p.data_type
+                };
+                (p.name, listed)
+            })
+            .collect();
         let table_url =
             ListingTableUrl::parse(located.url.as_str()).map_err(Error::from_datafusion)?;
         let options = ListingOptions::new(format)
@@ -80,8 +102,41 @@ impl Format for Listing {
             .with_listing_options(options)
             .with_schema(schema);
         let table = ListingTable::try_new(config).map_err(|e| read_error(located, e))?;
+        let table: Arc<dyn TableProvider> = Arc::new(table);
+        if nulls.is_empty() {
+            return Ok(Opened {
+                table,
+                selected: false,
+            });
+        }
+        let columns = table
+            .schema()
+            .fields()
+            .iter()
+            .map(|field| {
+                let column = Expr::Column(Column::new_unqualified(field.name()));
+                match nulls.iter().find(|(name, _)| name == field.name()) {
+                    None => Ok(column),
+                    Some((name, data_type)) => Ok(cast(
+                        when(
+                            column.clone().eq(lit(HIVE_NULL)),
+                            lit(ScalarValue::Utf8(None)),
+                        )
+                        .otherwise(column)?,
+                        data_type.clone(),
+                    )
+                    .alias(name)),
+                }
+            })
+            .collect::<datafusion::error::Result<Vec<_>>>()
+            .map_err(Error::from_datafusion)?;
+        let view = ctx
+            .read_table(table)
+            .and_then(|df| df.select(columns))
+            .map_err(Error::from_datafusion)?
+            .into_view();
         Ok(Opened {
-            table: Arc::new(table),
+            table: view,
             selected: false,
         })
     }
@@ -97,10 +152,20 @@ fn read_error(located: &Located, e: datafusion::error::DataFusionError) -> Error
     }
 }
 
+/// A partition column from `key=value` folder names.
+struct Partition {
+    name: String,
+    data_type: DataType,
+    /// Some folder names it null (`key=__HIVE_DEFAULT_PARTITION__`).
+    has_null: bool,
+}
+
 /// Partition columns from `key=value` folder names, typed as pyarrow.dataset infers them:
-/// Int32 when every value is an integer that fits, else Utf8.
-fn hive_partitions(located: &Located) -> Result<Vec<(String, DataType)>> {
-    let mut columns: Option<Vec<(String, bool)>> = None;
+/// Int32 when every value is an integer that fits, else Utf8; `__HIVE_DEFAULT_PARTITION__` is
+/// null of either.
+fn hive_partitions(located: &Located) -> Result<Vec<Partition>> {
+    // Name, all values integers, some value null.
+    let mut columns: Option<Vec<(String, bool, bool)>> = None;
     for file in &located.files {
         let rel = located.relative(file);
         let dirs: Vec<&str> = rel.split('/').collect();
@@ -113,21 +178,22 @@ fn hive_partitions(located: &Located) -> Result<Vec<(String, DataType)>> {
                 columns = Some(
                     pairs
                         .iter()
-                        .map(|(k, v)| (k.to_string(), is_int32(v)))
+                        .map(|(k, v)| (k.to_string(), is_int32(v), *v == HIVE_NULL))
                         .collect(),
                 );
             }
             Some(known) => {
                 if known.len() != pairs.len()
-                    || known.iter().zip(&pairs).any(|((k, _), (k2, _))| k != k2)
+                    || known.iter().zip(&pairs).any(|((k, _, _), (k2, _))| k != k2)
                 {
                     return Err(Error::invalid(format!(
                         "'{}' mixes partition layouts: '{rel}' does not follow the others",
                         located.url
                     )));
                 }
-                for ((_, int), (_, v)) in known.iter_mut().zip(&pairs) {
+                for ((_, int, null), (_, v)) in known.iter_mut().zip(&pairs) {
                     *int &= is_int32(v);
+                    *null |= *v == HIVE_NULL;
                 }
             }
         }
@@ -135,7 +201,11 @@ fn hive_partitions(located: &Located) -> Result<Vec<(String, DataType)>> {
     Ok(columns
         .unwrap_or_default()
         .into_iter()
-        .map(|(name, int)| (name, if int { DataType::Int32 } else { DataType::Utf8 }))
+        .map(|(name, int, has_null)| Partition {
+            name,
+            data_type: if int { DataType::Int32 } else { DataType::Utf8 },
+            has_null,
+        })
         .collect())
 }
 
