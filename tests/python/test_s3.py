@@ -125,22 +125,23 @@ def upload(s3, local: pathlib.Path, prefix: str):
         s3["client"].upload_file(str(path), BUCKET, key)
 
 
+def s3_server(s3, tmp_path_factory, name, cache_size):
+    server = Server(tmp_path_factory.mktemp(name), "--allow-root", f"s3://{BUCKET}/allowed",
+                    "--cache-size", cache_size, env=s3["env"])
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def remote_server(s3, tmp_path_factory):
     """Without the range cache: what the proxy counts is what each request reads from storage."""
-    server = Server(tmp_path_factory.mktemp("s3-server"), "--allow-root", f"s3://{BUCKET}/allowed",
-                    "--cache-size", "0", env=s3["env"])
-    yield server
-    server.stop()
+    yield from s3_server(s3, tmp_path_factory, "s3-server", "0")
 
 
 @pytest.fixture(scope="module")
 def cached_server(s3, tmp_path_factory):
     """With the range cache, as servers run by default."""
-    server = Server(tmp_path_factory.mktemp("s3-cached"), "--allow-root", f"s3://{BUCKET}/allowed",
-                    "--cache-size", "256MiB", env=s3["env"])
-    yield server
-    server.stop()
+    yield from s3_server(s3, tmp_path_factory, "s3-cached", "256MiB")
 
 
 def register(client, path, key):
