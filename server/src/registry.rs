@@ -59,14 +59,18 @@ impl Drop for Upload {
         if self.kept || !self.path.exists() {
             return;
         }
-        let removed = if self.path.is_dir() {
-            std::fs::remove_dir_all(&self.path)
-        } else {
-            std::fs::remove_file(&self.path)
-        };
-        if let Err(e) = removed {
+        if let Err(e) = remove_entry(&self.path) {
             tracing::warn!(file = %self.path.display(), error = %e, "cannot remove an unfinished upload");
         }
+    }
+}
+
+/// Removes a file, or a folder with everything in it.
+fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
     }
 }
 
@@ -418,12 +422,7 @@ impl Registry {
                     continue;
                 }
                 let path = entry.path();
-                let gone = if path.is_dir() {
-                    std::fs::remove_dir_all(&path)
-                } else {
-                    std::fs::remove_file(&path)
-                };
-                match gone {
+                match remove_entry(&path) {
                     Ok(()) => {
                         tracing::info!(file = %path.display(), "removed a crashed upload");
                         removed += 1;
@@ -433,18 +432,13 @@ impl Registry {
             }
             Ok(removed)
         })
-        .await;
-        match swept {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "managed storage not swept");
-                0
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "managed storage not swept");
-                0
-            }
-        }
+        .await
+        .map_err(|e| Error::Internal(format!("sweep failed: {e}")))
+        .and_then(|swept| swept);
+        swept.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "managed storage not swept");
+            0
+        })
     }
 
     /// Trashes or deletes one version or all versions of `key`; managed files no record uses

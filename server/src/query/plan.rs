@@ -433,7 +433,9 @@ pub(crate) fn apply_filter(ctx: &SessionContext, df: DataFrame, filter: &str) ->
     let df = df.filter(expr).map_err(invalid)?;
     // Types are coerced when the plan is analyzed, later, where a filter comparing a number with
     // a struct or a boolean with a range would surface as DataFusion's internal error: check now.
-    let state = ctx.state();
+    // Read in place: cloning the session's state per request would copy its function registry.
+    let state = ctx.state_ref();
+    let state = state.read();
     state
         .analyzer()
         .execute_and_check(df.logical_plan().clone(), state.config_options(), |_, _| {})

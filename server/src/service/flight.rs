@@ -104,10 +104,6 @@ impl FlightHandler {
         })
     }
 
-    pub(super) fn limits(&self) -> &Limits {
-        &self.governor.limits
-    }
-
     pub(super) fn governor(&self) -> Arc<Governor> {
         Arc::clone(&self.governor)
     }

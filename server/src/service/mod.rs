@@ -48,8 +48,8 @@ pub async fn serve(
     tls: Option<&Tls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let max_message = handler.limits().max_message_bytes;
     let governor = handler.governor();
+    let max_message = governor.limits.max_message_bytes;
     let service = FlightServiceServer::new(handler)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.max(64 * 1024 * 1024));
