@@ -33,6 +33,10 @@ pub enum Error {
     #[error("{0}")]
     Timeout(String),
 
+    /// A ticket or handle that no longer matches what it names: the data changed since.
+    #[error("{0}")]
+    Stale(String),
+
     /// The server is shutting down and ended the request.
     #[error("{0}")]
     Unavailable(String),

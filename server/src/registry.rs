@@ -151,8 +151,9 @@ impl Registry {
             hash,
             n_files: located.is_folder.then_some(located.files.len() as u64),
             n_observations: inspection.n_observations,
-            storage: storage.storage_root(&url),
-            path: url.to_string(),
+            // The located URL: a remote folder named without its slash is recorded with it.
+            storage: storage.storage_root(&located.url),
+            path: located.url.to_string(),
             managed,
             trusted,
             arrow_schema: inspection
@@ -468,17 +469,18 @@ impl Registry {
             .await?
             .into_iter()
             .collect();
-        let managed = self.planner.storage().managed_dir();
+        let storage = self.planner.storage();
+        let managed = storage.managed_dir();
         for path in deleted.orphaned_paths.iter().filter(|p| !used.contains(*p)) {
             if let Some(file) = Url::parse(path).ok().and_then(|u| u.to_file_path().ok())
                 && file.starts_with(&managed)
-                && let Err(e) = if file.is_dir() {
-                    tokio::fs::remove_dir_all(&file).await
-                } else {
-                    tokio::fs::remove_file(&file).await
-                }
             {
-                tracing::warn!(file = %file.display(), error = %e, "could not remove managed file");
+                // Streams still reading it finish first: removal waits for their leases.
+                let leases = std::sync::Arc::clone(storage.leases());
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || leases.remove_when_unread(&path, file))
+                    .await
+                    .map_err(|e| Error::Internal(format!("removing deleted files failed: {e}")))?;
             }
         }
         Ok(deleted.entries)

@@ -252,6 +252,16 @@ pub(crate) fn rows(batches: &[RecordBatch]) -> usize {
 /// value `row * 1000 + col`, chunked by `chunk_rows` rows and uncompressed; obs has an `n` column
 /// (the row number) and string names `cell{row}`; var names `gene{col}`.
 pub(crate) fn write_zarr_anndata(path: &Path, n_obs: u64, n_vars: u64, chunk_rows: u64) -> PathBuf {
+    write_zarr_anndata_chunked(path, n_obs, n_vars, [chunk_rows, n_vars])
+}
+
+/// [`write_zarr_anndata`] with X in chunks of `chunks` (rows, columns).
+pub(crate) fn write_zarr_anndata_chunked(
+    path: &Path,
+    n_obs: u64,
+    n_vars: u64,
+    chunks: [u64; 2],
+) -> PathBuf {
     use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
     use zarrs::group::GroupBuilder;
     let store = Arc::new(zarrs::filesystem::FilesystemStore::new(path).expect("zarr store"));
@@ -301,7 +311,7 @@ pub(crate) fn write_zarr_anndata(path: &Path, n_obs: u64, n_vars: u64, chunk_row
     }
     let x = ArrayBuilder::new(
         vec![n_obs, n_vars],
-        vec![chunk_rows, n_vars],
+        chunks.to_vec(),
         data_type::float32(),
         0f32,
     )

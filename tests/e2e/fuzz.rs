@@ -205,6 +205,7 @@ fn ticket_decoder_never_panics() {
                 partition: 1,
                 partition_count: 3,
                 flight: 42,
+                target_partitions: 7,
             }
             .encode()
         })

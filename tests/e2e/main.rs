@@ -9,3 +9,4 @@ mod flight_sql;
 mod fuzz;
 mod pushdown;
 mod security;
+mod selections;

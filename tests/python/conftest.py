@@ -23,9 +23,10 @@ def binary() -> str:
 
 
 class Server:
-    def __init__(self, tmp: pathlib.Path, *args: str, env: dict | None = None):
+    def __init__(self, tmp: pathlib.Path, *args: str, env: dict | None = None, partitions: int = 2,
+                 data_dir: pathlib.Path | None = None):
         self.tmp = tmp
-        self.data_dir = tmp / "data"
+        self.data_dir = data_dir or tmp / "data"
         self.files = tmp / "files"
         self.files.mkdir(parents=True, exist_ok=True)
         # A file, not a pipe: a pipe nobody reads fills up and stops a talkative server.
@@ -34,7 +35,7 @@ class Server:
         self.proc = subprocess.Popen(
             [binary(), "serve", "--addr", "127.0.0.1:0", "--demo", "--data-dir", str(self.data_dir),
              # Endpoint counts follow the partitions: fixed, so tests do not depend on the machine.
-             "--target-partitions", "2",
+             "--target-partitions", str(partitions),
              "--allow-root", str(self.files), *args],
             stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=tmp,
             env={**os.environ, **(env or {})},

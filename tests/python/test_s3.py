@@ -329,3 +329,100 @@ def test_cli_registers_s3_directly_as_the_operator(s3, remote_server, tmp_path):
     table, _ = read(client, key="operator_s3")
     assert table.column("x").to_pylist() == [1, 2, 3]
     client.close()
+
+
+def loopback_port():
+    """A free loopback port whose +10000 sibling is free too (SeaweedFS derives gRPC ports so)."""
+    rng = np.random.default_rng()
+    for _ in range(1000):
+        port = int(rng.integers(20000, 45000))
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    """SeaweedFS (`weed mini`), a second S3 implementation: servers differ in how they answer for
+    prefixes that no object is named after."""
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "testing", "credentials": [{"accessKey": "testing", "secretKey": "testing"}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    names = ["master", "volume", "filer", "s3", "admin", "webdav", "s3.port.iceberg", "s3.port.lance"]
+    ports = {name: loopback_port() for name in names}
+    args = [str(pathlib.Path(sys.executable).parent / "weed"), "mini", f"-dir={root / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
+            "-master.telemetry=false", f"-s3.config={config}", f"-bucket={BUCKET}",
+            "-volume.max=8", "-master.volumeSizeLimitMB=64"]
+    for name in ["master", "volume", "filer", "s3", "admin", "webdav"]:
+        args += [f"-{name}.port={ports[name]}"]
+        if name not in ("webdav",):
+            args += [f"-{name}.port.grpc={ports[name] + 10000}"]
+    args += [f"-{name}={ports[name]}" for name in ("s3.port.iceberg", "s3.port.lance")]
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "w")
+    weed = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            client.head_bucket(Bucket=BUCKET)
+            break
+        except Exception:
+            assert time.monotonic() < deadline and weed.poll() is None, \
+                f"SeaweedFS did not start:\n{(root / 'weed.log').read_text()[-2000:]}"
+            time.sleep(0.3)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"}
+    yield {"client": client, "env": env}
+    weed.terminate()
+    weed.wait(timeout=30)
+    log.close()
+
+
+@pytest.mark.parametrize("implementation", ["moto", "seaweedfs"])
+def test_remote_folders_are_named_with_or_without_a_slash(implementation, request, tmp_path_factory):
+    s3 = request.getfixturevalue("s3" if implementation == "moto" else "seaweed")
+    tmp = tmp_path_factory.mktemp(f"noslash-{implementation}")
+    prefix = f"allowed/noslash-{implementation}"
+    shards = tmp / "shards"
+    demo = ds.dataset(DEMO, format="parquet", partitioning="hive").to_table()
+    demo = demo.append_column("impl", pa.array([implementation] * demo.num_rows))
+    ds.write_dataset(demo, shards, format="parquet", partitioning=["louvain"], partitioning_flavor="hive")
+    store = tmp / "x.zarr"
+    make_adata().write_zarr(store, chunks=(40, 30))
+    for local, name in ((shards, "shards"), (store, "x.zarr")):
+        paths = sorted(p for p in local.rglob("*") if p.is_file())
+        for path in paths:
+            s3["client"].upload_file(str(path), BUCKET, f"{prefix}/{name}/{path.relative_to(local).as_posix()}")
+    # Some tools leave an empty marker object named after the folder: a folder all the same.
+    s3["client"].put_object(Bucket=BUCKET, Key=f"{prefix}/shards/", Body=b"")
+    server = Server(tmp, "--allow-root", f"s3://{BUCKET}/allowed", "--cache-size", "0", env=s3["env"])
+    try:
+        client = server.client()
+        record = register(client, f"s3://{BUCKET}/{prefix}/shards", f"noslash_shards_{implementation}")
+        assert record["path"] == f"s3://{BUCKET}/{prefix}/shards/" and record["n_files"] == 11
+        table, _ = read(client, key=f"noslash_shards_{implementation}", filter="louvain = 3")
+        want = ds.dataset(shards, format="parquet", partitioning="hive").to_table(filter=pc.field("louvain") == 3)
+        assert table.num_rows == want.num_rows > 0
+        assert sorted(table.column("n_genes").to_pylist()) == sorted(want.column("n_genes").to_pylist())
+        record = register(client, f"s3://{BUCKET}/{prefix}/x.zarr", f"noslash_zarr_{implementation}")
+        assert record["otype"] == "AnnData" and record["n_observations"] == 400
+        x, _ = read(client, key=f"noslash_zarr_{implementation}", element=["X"], obs_range=[10, 20])
+        np.testing.assert_array_equal(x.column("X").combine_chunks().flatten().to_numpy().reshape(10, -1),
+                                      ad.read_zarr(store).X[10:20])
+        # A name with nothing under it is still NOT_FOUND.
+        with pytest.raises(KeyError):
+            register(client, f"s3://{BUCKET}/{prefix}/nothing", f"noslash_nothing_{implementation}")
+        client.close()
+    finally:
+        server.stop()

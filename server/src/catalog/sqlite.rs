@@ -74,6 +74,21 @@ CREATE TABLE tokens (
     created_at TEXT NOT NULL
 );
 "#,
+    r#"
+-- The highest version ever issued per key, so that no uid is issued twice, even after the newest
+-- versions were deleted permanently (a ticket naming a uid reads that content or nothing).
+CREATE TABLE issued_versions (
+    kind    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    stem    TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+INSERT INTO issued_versions SELECT 'artifacts', key, substr(uid, 1, 16), max(version)
+    FROM artifacts GROUP BY key;
+INSERT INTO issued_versions SELECT 'collections', key, substr(uid, 1, 16), max(version)
+    FROM collections GROUP BY key;
+"#,
 ];
 
 const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
@@ -237,6 +252,9 @@ fn collection_where(
 }
 
 /// The next version of `key` in `table`: (stem, counter, version), and clears the old latest flag.
+///
+/// Versions only grow: the next one follows the highest ever issued for the key, including
+/// versions since deleted, so a uid is never issued twice.
 fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String, u32, u32)> {
     let latest: Option<(String, u32)> = tx
         .query_row(
@@ -247,17 +265,40 @@ fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String,
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    match latest {
-        None => Ok((new_stem(), 0, 1)),
-        Some((uid, version)) => {
-            tx.execute(
-                &format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"),
-                [key],
-            )?;
-            let stem = uid.get(..16).unwrap_or(&uid).to_string();
-            Ok((stem, version, version + 1))
-        }
+    let issued: Option<(String, u32)> = tx
+        .query_row(
+            "SELECT stem, version FROM issued_versions WHERE kind = ?1 AND key = ?2",
+            [table, key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if latest.is_some() {
+        tx.execute(
+            &format!("UPDATE {table} SET is_latest = 0 WHERE key = ?1"),
+            [key],
+        )?;
     }
+    let from_latest = latest.map(|(uid, v)| (uid.get(..16).unwrap_or(&uid).to_string(), v));
+    let (stem, last) = match (from_latest, issued) {
+        (Some(a), Some(b)) => {
+            if a.1 >= b.1 {
+                a
+            } else {
+                b
+            }
+        }
+        (Some(one), None) | (None, Some(one)) => one,
+        (None, None) => (new_stem(), 0),
+    };
+    let version = last
+        .checked_add(1)
+        .ok_or_else(|| Error::invalid(format!("'{key}' has no versions left")))?;
+    tx.execute(
+        "INSERT INTO issued_versions (kind, key, stem, version) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (kind, key) DO UPDATE SET stem = excluded.stem, version = excluded.version",
+        params![table, key, stem, version],
+    )?;
+    Ok((stem, version - 1, version))
 }
 
 /// After a version left the untrashed set, the newest remaining one becomes the latest.

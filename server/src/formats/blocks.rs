@@ -43,6 +43,13 @@ pub(crate) trait BlockSource: Send + Sync + fmt::Debug + 'static {
     /// Reads the source's rows `rows` (positions in its own row order), projected.
     fn read(&self, rows: Range<usize>, projection: Option<&[usize]>) -> Result<RecordBatch>;
 
+    /// How many records `rows` of the source's rows make, where that is known without reading
+    /// (one per row, unless a row expands into several, as sparse entries in the long layout).
+    /// Planners answer `count(*)` from this, so it must be exact or `None`.
+    fn records(&self, rows: usize) -> Option<usize> {
+        Some(rows)
+    }
+
     /// What the underlying store has read so far.
     fn metrics(&self) -> ReadMetrics;
 
@@ -209,8 +216,9 @@ impl ExecutionPlan for BlockExec {
         _input_stats: &[Arc<Statistics>],
         args: &StatisticsArgs,
     ) -> datafusion::common::Result<Arc<Statistics>> {
+        let records = self.source.records(self.rows(args.partition()));
         let stats = Statistics::new_unknown(&self.schema)
-            .with_num_rows(Precision::Exact(self.rows(args.partition())));
+            .with_num_rows(records.map_or(Precision::Absent, Precision::Exact));
         Ok(Arc::new(stats))
     }
 }

@@ -3,6 +3,7 @@
 //! plan's output partitions become the flight's endpoints.
 
 mod command;
+mod long;
 mod plan;
 mod prune;
 mod sql;

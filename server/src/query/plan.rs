@@ -26,7 +26,7 @@ use super::prune::PruneFilesByStatistics;
 use crate::catalog::{ArtifactRecord, Catalog, Entry};
 use crate::error::{Error, Result, guard_reader, panic_message};
 use crate::formats::{self, Opened, Request};
-use crate::storage::Storage;
+use crate::storage::{Lease, Storage};
 
 /// The DataFusion settings every plan runs with.
 ///
@@ -55,6 +55,17 @@ pub fn statistics(plan: &dyn ExecutionPlan) -> Option<Arc<datafusion::common::St
     StatisticsContext::new()
         .compute(plan, &StatisticsArgs::new())
         .ok()
+}
+
+/// The read leases a session's plans hold: every artifact a plan opens stays leased while the
+/// plan (and any stream executing it) lives, so a permanent delete waits for them.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseBag(std::sync::Mutex<Vec<Lease>>);
+
+impl LeaseBag {
+    fn hold(&self, lease: Lease) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(lease);
+    }
 }
 
 /// Plans commands against the catalog and storage.
@@ -88,6 +99,11 @@ pub struct Planned {
 impl Planned {
     pub fn schema(&self) -> SchemaRef {
         self.plan.schema()
+    }
+
+    /// The leases on what the plan reads (the session's, which the task context carries).
+    fn leases(&self) -> Option<Arc<LeaseBag>> {
+        self.task.session_config().get_extension::<LeaseBag>()
     }
 
     /// How many endpoints (tickets) the flight has.
@@ -127,9 +143,12 @@ impl Planned {
     pub fn execute(&self, index: usize) -> Result<SendableRecordBatchStream> {
         let stream = self.execute_unguarded(index)?;
         let schema = stream.schema();
+        // The stream holds the leases: a delete meanwhile waits for it to end.
+        let leases = self.leases();
         let guarded = std::panic::AssertUnwindSafe(stream)
             .catch_unwind()
-            .map(|item| {
+            .map(move |item| {
+                let _held = &leases;
                 item.unwrap_or_else(|panic| {
                     Err(Error::DataLoss {
                         location: "the flight's files".into(),
@@ -217,6 +236,10 @@ impl Planner {
 
     /// A fresh session with `config` on the shared runtime, planning with this crate's rules.
     pub(crate) fn session_with(&self, config: SessionConfig) -> SessionContext {
+        let config = match config.get_extension::<LeaseBag>() {
+            Some(_) => config,
+            None => config.with_extension(Arc::new(LeaseBag::default())),
+        };
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(Arc::clone(&self.runtime))
@@ -224,6 +247,24 @@ impl Planner {
             .with_physical_optimizer_rule(Arc::new(PruneFilesByStatistics))
             .build();
         SessionContext::new_with_state(state)
+    }
+
+    /// The target partitions plans are made with.
+    pub fn target_partitions(&self) -> usize {
+        self.config.target_partitions()
+    }
+
+    /// This planner with `target_partitions` (none for 0), so that a ticket issued by a server
+    /// with other cores plans into the same partitions here.
+    pub fn with_partitions(&self, target_partitions: usize) -> Planner {
+        let mut planner = self.clone();
+        if target_partitions > 0 {
+            planner.config = planner
+                .config
+                .clone()
+                .with_target_partitions(target_partitions);
+        }
+        planner
     }
 
     /// The settings every session starts from.
@@ -301,6 +342,9 @@ impl Planner {
             other => other,
         })?;
         self.use_store(&located);
+        if let Some(bag) = ctx.state_ref().read().config().get_extension::<LeaseBag>() {
+            bag.hold(self.storage.leases().take(&record.path));
+        }
         let format = formats::format_for(&located, &record.suffix)?;
         let location = format!("artifact '{}' at {}", record.key, record.path);
         guard_reader(location, format.open(ctx, &located, request)).await

@@ -35,6 +35,7 @@ use datafusion::sql::parser::Statement as ParsedStatement;
 use datafusion::sql::sqlparser::ast::{self, visit_expressions_mut};
 use prost::Message;
 
+use super::long::LongTable;
 use super::{Planned, Planner};
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
@@ -68,6 +69,8 @@ pub struct Statement {
     pub partition_count: usize,
     /// Ticket only: which flight it belongs to (random per GetFlightInfo); cancels go by it.
     pub flight: u64,
+    /// Ticket only: the target partitions the flight was planned with (0: the server's own).
+    pub target_partitions: usize,
 }
 
 impl Statement {
@@ -101,6 +104,7 @@ impl Statement {
             partition: self.partition as u32,
             partition_count: self.partition_count as u32,
             flight: self.flight,
+            target_partitions: u32::try_from(self.target_partitions).unwrap_or(0),
         }
         .encode_to_vec())
     }
@@ -135,6 +139,7 @@ impl Statement {
             partition: message.partition as usize,
             partition_count: message.partition_count as usize,
             flight: message.flight,
+            target_partitions: message.target_partitions as usize,
         })
     }
 }
@@ -256,7 +261,18 @@ impl Planner {
                 self.catalog().run(move |c| c.artifacts(&uids)).await?
             }
         };
-        Ok(self.union(ctx, &sources, &table.request()).await?.table)
+        let request = table.request();
+        let opened = self.union(ctx, &sources, &request).await?;
+        match (request.layout, sources.as_slice()) {
+            // A matrix in long form reads what a query's name predicates select.
+            (Some(Layout::Long), [source]) => Ok(Arc::new(LongTable::new(
+                self.clone(),
+                source.clone(),
+                request,
+                opened.table.schema(),
+            ))),
+            _ => Ok(opened.table),
+        }
     }
 
     /// A session whose catalog is ours, reading tables at the `pinned` versions where given.
@@ -264,7 +280,12 @@ impl Planner {
         &self,
         pinned: BTreeMap<String, String>,
     ) -> Result<(SessionContext, Arc<Tables>)> {
-        let mut base = self.config().clone();
+        // One lease bag for the query's session and the one its tables open in, so that the plan
+        // holds what its tables read.
+        let mut base = self
+            .config()
+            .clone()
+            .with_extension(Arc::new(super::plan::LeaseBag::default()));
         // Queries compute on string views: parquet strings decode without a copy and group keys
         // hash faster. Results go out as plain strings (`plain_types`).
         base.options_mut().execution.parquet.schema_force_view_types = true;
@@ -618,6 +639,7 @@ mod tests {
             partition: 1,
             partition_count: 2,
             flight: 7,
+            target_partitions: 5,
         };
         assert_eq!(Statement::decode(&statement.encode()?)?, statement);
         assert!(Statement::decode(b"\xff\x01").is_err());

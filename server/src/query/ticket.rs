@@ -16,6 +16,9 @@ pub struct TicketSpec {
     pub partition_count: usize,
     /// Which flight this ticket belongs to (random per GetFlightInfo); cancels go by it.
     pub flight: u64,
+    /// The target partitions the flight was planned with; a server serving the ticket plans with
+    /// the same, whatever its own (0: its own).
+    pub target_partitions: usize,
 }
 
 impl TicketSpec {
@@ -27,6 +30,7 @@ impl TicketSpec {
             partition: self.partition as u32,
             partition_count: self.partition_count as u32,
             flight: self.flight,
+            target_partitions: u32::try_from(self.target_partitions).unwrap_or(0),
         }
         .encode_to_vec()
     }
@@ -50,6 +54,7 @@ impl TicketSpec {
             partition: ticket.partition as usize,
             partition_count: ticket.partition_count as usize,
             flight: ticket.flight,
+            target_partitions: ticket.target_partitions as usize,
         })
     }
 }

@@ -170,6 +170,7 @@ impl FlightHandler {
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
         let partition_count = planned.endpoint_count();
+        let target_partitions = self.registry.planner().target_partitions();
         let flight = rand::random::<u64>();
         let tickets: Vec<bytes::Bytes> = (0..partition_count)
             .map(|partition| {
@@ -179,6 +180,7 @@ impl FlightHandler {
                     partition,
                     partition_count,
                     flight,
+                    target_partitions,
                 };
                 ticket.encode().into()
             })
@@ -536,12 +538,13 @@ impl FlightService for FlightHandler {
                     return Ok(self.sql.do_get(request).await?.into_inner());
                 }
                 let spec = TicketSpec::decode(&ticket)?;
-                let planner = self.registry.planner();
+                let planner = self.registry.planner().with_partitions(spec.target_partitions);
                 let sources = planner.sources(spec.uids.clone()).await?;
                 let planned = planner.plan(&spec.command, &sources).await?;
                 if planned.endpoint_count() != spec.partition_count {
-                    return Err(Error::invalid(
-                        "the data changed since this ticket was issued; ask GetFlightInfo for new tickets",
+                    return Err(Error::Stale(
+                        "the data changed since this ticket was issued; ask GetFlightInfo for new tickets"
+                            .into(),
                     )
                     .into());
                 }

@@ -105,6 +105,7 @@ impl SqlService {
                     partition,
                     partition_count,
                     flight,
+                    target_partitions: self.planner().target_partitions(),
                     ..statement.clone()
                 };
                 let ticket = TicketStatementQuery {
@@ -641,10 +642,11 @@ impl FlightSqlService for SqlService {
         _request: Request<Ticket>,
     ) -> Result<DoGetResponse, Status> {
         let statement = Statement::decode(&ticket.statement_handle)?;
-        let SqlPlan { planned, .. } = self.planner().sql_plan(&statement).await?;
+        let planner = self.planner().with_partitions(statement.target_partitions);
+        let SqlPlan { planned, .. } = planner.sql_plan(&statement).await?;
         if planned.endpoint_count() != statement.partition_count {
-            return Err(Error::invalid(
-                "the data changed since this ticket was issued; run the query again",
+            return Err(Error::Stale(
+                "the data changed since this ticket was issued; run the query again".into(),
             )
             .into());
         }

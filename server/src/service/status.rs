@@ -19,6 +19,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Timeout(m) => Status::deadline_exceeded(m),
             Error::Unavailable(m) => Status::unavailable(m),
+            Error::Stale(m) => Status::failed_precondition(m),
             Error::DataLoss { .. } => {
                 tracing::error!(%error, "unreadable data");
                 Status::data_loss(error.to_string())

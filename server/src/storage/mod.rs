@@ -3,6 +3,9 @@
 
 mod aws_profile;
 mod cache;
+mod lease;
+
+pub use lease::{Lease, Leases};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -149,6 +152,8 @@ pub struct Storage {
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     /// Remote reads go through this when set.
     cache: Option<Arc<cache::RangeCache>>,
+    /// What the plans of this process read, so that deletes wait for them.
+    leases: Arc<Leases>,
 }
 
 impl Storage {
@@ -171,6 +176,7 @@ impl Storage {
             roots,
             stores: Mutex::new(HashMap::new()),
             cache: None,
+            leases: Arc::default(),
         })
     }
 
@@ -184,6 +190,11 @@ impl Storage {
             )?)),
         };
         Ok(self)
+    }
+
+    /// The read leases of this process.
+    pub fn leases(&self) -> &Arc<Leases> {
+        &self.leases
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -301,7 +312,28 @@ impl Storage {
 
     pub async fn locate(&self, url: &Url) -> Result<Located> {
         let (store, prefix) = self.object_store(url)?;
-        let is_folder = url.path().ends_with('/');
+        let mut url = url.clone();
+        let mut is_folder = url.path().ends_with('/');
+        let mut head = None;
+        if !is_folder && url.scheme() != "file" {
+            // Object stores have no folders: `s3://bucket/shards` names a folder when no object
+            // has that name (or only an empty marker does, as some servers keep for prefixes)
+            // and objects lie under it. pyarrow and lamindb accept such a name; so do we.
+            match store.head(&prefix).await {
+                Ok(meta) if meta.size > 0 => head = Some(meta),
+                found => {
+                    let mut under = store.list(Some(&prefix));
+                    match under.try_next().await {
+                        Ok(Some(_)) => {
+                            url.set_path(&format!("{}/", url.path()));
+                            is_folder = true;
+                        }
+                        _ => head = Some(found.map_err(|e| Error::storage(&url, e))?),
+                    }
+                }
+            }
+        }
+        let url = &url;
         let files = if is_folder {
             let mut files: Vec<ObjectMeta> = store
                 .list(Some(&prefix))
@@ -311,15 +343,22 @@ impl Storage {
             // Hidden and `_` files are not shards of a dataset (pyarrow.dataset skips them), but in
             // a zarr store they are its metadata (`.zarray`, `.zattrs`, ...): part of its content.
             let zarr = is_zarr(url);
+            let remote = url.scheme() != "file";
             files.retain(|f| {
                 let rel = f
                     .location
                     .as_ref()
                     .strip_prefix(prefix.as_ref())
-                    .unwrap_or("");
-                zarr || !rel
-                    .split('/')
-                    .any(|s| s.starts_with('.') || s.starts_with('_'))
+                    .unwrap_or("")
+                    .trim_start_matches('/');
+                // Empty objects named like folders (`shards/`) are markers some tools leave.
+                let marker = remote && f.size == 0;
+                !rel.is_empty()
+                    && !marker
+                    && (zarr
+                        || !rel
+                            .split('/')
+                            .any(|s| s.starts_with('.') || s.starts_with('_')))
             });
             files.sort_by(|a, b| a.location.cmp(&b.location));
             if files.is_empty() {
@@ -327,12 +366,15 @@ impl Storage {
             }
             files
         } else {
-            vec![
-                store
-                    .head(&prefix)
-                    .await
-                    .map_err(|e| Error::storage(url, e))?,
-            ]
+            match head {
+                Some(meta) => vec![meta],
+                None => vec![
+                    store
+                        .head(&prefix)
+                        .await
+                        .map_err(|e| Error::storage(url, e))?,
+                ],
+            }
         };
         if url.scheme() == "file" {
             check_no_escape(url, &files)?;

@@ -3,16 +3,19 @@
 //!
 //! Reads are chunk-aware. Selected rows are coalesced into runs: rows in the same chunk (zarr, or
 //! chunked HDF5) or a few rows apart (contiguous HDF5) are read as one block, and nothing outside
-//! the runs is touched. For CSR, `indptr` is read once and then only the `indices`/`data` ranges of
-//! the selected rows. CSC is read column by column (only the selected columns' ranges) and
-//! converted to CSR for the selected rows.
+//! the runs is touched; selected columns are grouped into runs the same way. For CSR, `indptr` is
+//! read once and then only the `indices`/`data` ranges of the selected rows. CSC is converted to
+//! CSR one block of rows at a time, from the selected columns' ranges, so memory stays bounded.
+//!
+//! Every storage answers the same: rows and columns come in the order selected, a name repeated
+//! in `var_names` repeats its column, and an empty selection has zero width.
 
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Int32Array, Int64Array, ListArray,
-    RecordBatch, UInt64Array, new_empty_array,
+    RecordBatch, RecordBatchOptions, UInt64Array, new_empty_array, new_null_array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{cast, concat, filter, take};
@@ -25,6 +28,8 @@ use crate::query::Layout;
 
 /// Bytes of matrix data per record batch (and per block read).
 const BLOCK_BYTES: u64 = 8 << 20;
+/// Entries a CSC block is expected to hold: its conversion keeps this many in memory.
+const CSC_BLOCK_ENTRIES: u128 = 2 << 20;
 
 /// How a matrix is stored.
 #[derive(Debug, Clone)]
@@ -44,12 +49,6 @@ pub(crate) struct Sparse {
     csc: bool,
 }
 
-impl Sparse {
-    pub(crate) fn is_csc(&self) -> bool {
-        self.csc
-    }
-}
-
 /// A matrix element as stored: its storage, shape and value type.
 #[derive(Debug, Clone)]
 pub(crate) struct Matrix {
@@ -61,7 +60,8 @@ pub(crate) struct Matrix {
 /// The rows and columns a request selects from a matrix.
 #[derive(Debug, Clone)]
 pub(crate) struct Selection {
-    /// Row positions, ascending.
+    /// Row positions in output order: ascending for obs selections; for varm/varp, the order
+    /// `var_names` gives, repeats included.
     pub rows: Vec<u64>,
     /// The selected rows' index columns (names, obs columns sent along), in row order.
     pub index: RecordBatch,
@@ -184,6 +184,11 @@ impl Matrix {
 }
 
 impl Storage {
+    /// Whether this is a CSC matrix, which is converted to rows one block at a time.
+    pub(crate) fn is_csc(&self) -> bool {
+        matches!(self, Storage::Sparse(s) if s.csc)
+    }
+
     /// Rows per storage chunk, where partitions should split.
     pub(crate) fn row_chunk(&self) -> u64 {
         match self {
@@ -211,7 +216,7 @@ pub(crate) struct MatrixSource {
     element: String,
     storage: Storage,
     dtype: Dtype,
-    /// Selected row positions, ascending.
+    /// Selected row positions, in output order.
     rows: Vec<u64>,
     /// Index columns (names, extra obs columns) of the selected rows, in order.
     index: RecordBatch,
@@ -224,8 +229,9 @@ pub(crate) struct MatrixSource {
     schema: SchemaRef,
     /// Long layout: the selected rows' and columns' names, as strings.
     names: Option<(ArrayRef, ArrayRef)>,
-    /// The CSR of the whole selection, built once for CSC storage.
-    converted: OnceLock<Result<SparseBlock, String>>,
+    /// The selected stored columns, ascending, each with the output position it fills (a column
+    /// named twice in `var_names` fills two); `None` for every column as stored.
+    targets: Option<Vec<(u64, u32)>>,
 }
 
 /// Rows of a sparse matrix: `offsets` per row, column positions within the selection, values.
@@ -255,6 +261,40 @@ impl MatrixSource {
             cols,
             col_names,
         } = selection;
+        // Positions come from obs and var, which may disagree with a corrupt matrix's shape:
+        // every one is checked here, so no read below can fall outside the stored matrix.
+        let location = store.location();
+        if let Some(row) = rows.iter().find(|&&r| r >= shape[0]) {
+            return Err(data_loss(
+                location,
+                format!("'{element}' has {} rows; row {row} is selected", shape[0]),
+            ));
+        }
+        if let Some(col) = cols.iter().flatten().find(|&&c| c >= shape[1]) {
+            return Err(data_loss(
+                location,
+                format!(
+                    "'{element}' has {} columns; column {col} is selected",
+                    shape[1]
+                ),
+            ));
+        }
+        let targets = match &cols {
+            None => None,
+            Some(cols) => {
+                let mut targets = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(new, &old)| {
+                        u32::try_from(new).map(|new| (old, new)).map_err(|_| {
+                            Error::invalid(format!("too many columns selected from '{element}'"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                targets.sort_unstable();
+                Some(targets)
+            }
+        };
         let n_cols = cols.as_ref().map(|c| c.len() as u64).unwrap_or(shape[1]);
         let value = dtype.arrow();
         let mut fields: Vec<Field> = index
@@ -331,11 +371,22 @@ impl MatrixSource {
             }
         }
         let mut metadata = std::collections::HashMap::new();
-        metadata.insert(
-            "artiflight:shape".to_string(),
-            serde_json::json!([rows.len(), n_cols]).to_string(),
+        // The long layout is SQL's `KEY/X`: a plain table whose schema must not change with the
+        // selection a query pushes into it.
+        let long = matches!(
+            output,
+            Output::Matrix {
+                layout: Layout::Long,
+                ..
+            }
         );
-        if let (Output::Matrix { .. }, Some(names)) = (&output, &col_names) {
+        if !long {
+            metadata.insert(
+                "artiflight:shape".to_string(),
+                serde_json::json!([rows.len(), n_cols]).to_string(),
+            );
+        }
+        if let (Output::Matrix { .. }, Some(names), false) = (&output, &col_names, long) {
             metadata.insert(
                 "artiflight:var_names".to_string(),
                 serde_json::to_string(names).unwrap_or_default(),
@@ -384,7 +435,7 @@ impl MatrixSource {
             output,
             schema,
             names,
-            converted: OnceLock::new(),
+            targets,
         })
     }
 
@@ -403,118 +454,179 @@ impl MatrixSource {
             } => self.dtype.width() + 32,
             _ => self.dtype.width(),
         };
-        let row_bytes = (self.n_cols.max(1) * entry).max(1);
-        (BLOCK_BYTES / row_bytes).max(1) as usize
+        let row_bytes = self.n_cols.max(1).saturating_mul(entry).max(1);
+        let rows = (BLOCK_BYTES / row_bytes).max(1);
+        match &self.storage {
+            // A CSC block reads the selected columns' ranges once: blocks are sized by the
+            // entries they are expected to hold, so that few passes cover the selection.
+            Storage::Sparse(s) if s.csc => {
+                let nnz = s.indptr.last().copied().unwrap_or(0).max(0) as u128;
+                let cells = (u128::from(self.shape[0]) * u128::from(self.shape[1])).max(1);
+                let per_row = (nnz * u128::from(self.n_cols) / cells).max(1);
+                let by_entries = u64::try_from(CSC_BLOCK_ENTRIES / per_row).unwrap_or(u64::MAX);
+                rows.max(by_entries).max(1) as usize
+            }
+            _ => rows as usize,
+        }
     }
 
     /// Bytes of the selected values if dense.
     pub(crate) fn dense_bytes(&self) -> u64 {
-        self.rows.len() as u64 * self.n_cols * self.dtype.width()
+        (self.rows.len() as u64)
+            .saturating_mul(self.n_cols)
+            .saturating_mul(self.dtype.width())
     }
 
     fn fail(&self, what: impl std::fmt::Display) -> Error {
         data_loss(self.store.location(), format!("'{}': {what}", self.element))
     }
 
-    /// Reads the dense values of `rows` (array positions, ascending), `rows.len() * n_cols`
-    /// elements in row-major order, selected columns in output order.
+    /// Reads the dense values of `rows` (array positions, ascending and unique),
+    /// `rows.len() * n_cols` elements in row-major order, selected columns in output order.
+    ///
+    /// Rows are coalesced into runs (rows in one chunk, or a small gap apart) and so are the
+    /// selected columns; each run of rows is read once per run of columns, so a sparse column
+    /// selection reads only the column chunks (or stretches) that hold selected columns.
     fn read_dense(&self, path: &str, info: &ArrayInfo, rows: &[u64]) -> Result<ArrayRef> {
-        let width = info.shape.get(1).copied().unwrap_or(1);
-        let (c0, c1) = match &self.cols {
-            Some(cols) if !cols.is_empty() => (
-                *cols.iter().min().unwrap_or(&0),
-                cols.iter().max().unwrap_or(&0) + 1,
-            ),
-            Some(_) => (0, 0),
-            None => (0, width),
+        let two_d = info.shape.len() == 2;
+        let width = if two_d { info.shape[1] } else { 1 };
+        if rows.is_empty() || self.n_cols == 0 {
+            return Ok(new_empty_array(&self.dtype.arrow()));
+        }
+        let item = self.dtype.width().max(1);
+        let col_chunk = info.chunks.as_ref().and_then(|c| c.get(1).copied());
+        let (col_runs, col_place) = match &self.targets {
+            None => (vec![0..width], None),
+            Some(targets) => {
+                let stored: Vec<u64> = dedup_sorted(targets.iter().map(|t| t.0));
+                let runs: Vec<Range<u64>> = coalesce(&stored, |a, b| match col_chunk {
+                    Some(c) => a / c.max(1) == b / c.max(1),
+                    None => (b - a).saturating_mul(item) <= 64 << 10,
+                })
+                .into_iter()
+                .map(|run| run[0]..run[run.len() - 1] + 1)
+                .collect();
+                let cols = self.cols.as_deref().unwrap_or_default();
+                let place = cols
+                    .iter()
+                    .map(|c| {
+                        let j = runs.partition_point(|r| r.end <= *c);
+                        (j, c - runs[j].start)
+                    })
+                    .collect::<Vec<_>>();
+                (runs, Some(place))
+            }
         };
-        let span = c1 - c0;
         // Rows closer than this are read together: for a chunked array, anything in the same
         // chunk; for a contiguous one, gaps of up to 64 KiB (cheaper than another read call).
-        let row_bytes = (span * self.dtype.width()).max(1);
-        let chunk = info.chunks.as_ref().and_then(|c| c.first().copied());
-        let runs = coalesce(rows, |a, b| match chunk {
-            Some(c) => a / c == b / c,
-            None => (b - a) * row_bytes <= 64 << 10,
+        let read_width: u64 = col_runs.iter().map(|r| r.end - r.start).sum();
+        let row_bytes = read_width.saturating_mul(item).max(1);
+        let row_chunk = info.chunks.as_ref().and_then(|c| c.first().copied());
+        let row_runs = coalesce(rows, |a, b| match row_chunk {
+            Some(c) => a / c.max(1) == b / c.max(1),
+            None => (b - a).saturating_mul(row_bytes) <= 64 << 10,
         });
-        let identity = runs
-            .iter()
-            .all(|run| run[run.len() - 1] - run[0] + 1 == run.len() as u64);
-        let read_run = |run: &&[u64]| -> Result<(u64, ArrayRef)> {
+        let reads: Vec<(usize, usize)> = (0..row_runs.len())
+            .flat_map(|k| (0..col_runs.len()).map(move |j| (k, j)))
+            .collect();
+        let read_one = |&(k, j): &(usize, usize)| -> Result<ArrayRef> {
+            let run = row_runs[k];
             let (first, last) = (run[0], run[run.len() - 1]);
-            let (start, count) = if info.shape.len() == 2 {
-                (vec![first, c0], vec![last - first + 1, span])
+            let cols = &col_runs[j];
+            let (start, count) = if two_d {
+                (
+                    vec![first, cols.start],
+                    vec![last - first + 1, cols.end - cols.start],
+                )
             } else {
                 (vec![first], vec![last - first + 1])
             };
-            Ok((first, self.store.read(path, &start, &count)?))
+            let part = self.store.read(path, &start, &count)?;
+            let expected = (last - first + 1) * (cols.end - cols.start);
+            if part.len() as u64 != expected {
+                return Err(self.fail(format!(
+                    "a read of {expected} values returned {}",
+                    part.len()
+                )));
+            }
+            Ok(part)
         };
-        // Runs are read on every core: zarr decodes chunks in parallel, and contiguous HDF5 is
-        // read with `pread` (other HDF5 reads queue on libhdf5's lock, which costs nothing more).
-        let parts: Vec<(u64, ArrayRef)> = if runs.len() > 1 {
+        // Reads run on every core: zarr decodes chunks in parallel, and contiguous HDF5 is read
+        // with `pread` (other HDF5 reads queue on libhdf5's lock, which costs nothing more).
+        let parts: Vec<ArrayRef> = if reads.len() > 1 {
             use rayon::prelude::*;
-            runs.par_iter().map(read_run).collect::<Result<_>>()?
+            reads.par_iter().map(read_one).collect::<Result<_>>()?
         } else {
-            runs.iter().map(read_run).collect::<Result<_>>()?
+            reads.iter().map(read_one).collect::<Result<_>>()?
         };
-        let cols_identity = match &self.cols {
+        let rows_whole = row_runs
+            .iter()
+            .all(|run| run[run.len() - 1] - run[0] + 1 == run.len() as u64);
+        let cols_whole = match &self.cols {
             None => true,
             Some(cols) => {
-                cols.iter().enumerate().all(|(i, &c)| c == c0 + i as u64)
-                    && span == cols.len() as u64
+                col_runs.len() == 1
+                    && cols.len() as u64 == read_width
+                    && cols
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &c)| c == col_runs[0].start + i as u64)
             }
         };
-        let arrays: Vec<&dyn Array> = parts.iter().map(|(_, a)| a.as_ref()).collect();
-        let all = if arrays.len() == 1 {
-            Arc::clone(&parts[0].1)
-        } else if arrays.is_empty() {
-            new_empty_array(&self.dtype.arrow())
-        } else {
-            concat(&arrays).map_err(|e| self.fail(e))?
-        };
-        if identity && cols_identity {
-            return Ok(all);
+        if parts.len() == 1 && rows_whole && cols_whole {
+            return Ok(Arc::clone(&parts[0]));
         }
-        // Gather the selected rows and columns out of the runs read.
-        let mut take_idx: Vec<u64> = Vec::with_capacity(rows.len() * self.n_cols as usize);
-        let mut base = 0u64;
-        let mut rows_iter = rows.iter().peekable();
-        for (first, part) in &parts {
-            let n_read = part.len() as u64 / span.max(1);
-            while let Some(&&r) = rows_iter.peek() {
-                if r >= first + n_read {
-                    break;
+        let all = concat_or_empty(&parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
+        // Where each part starts in `all`.
+        let mut base = Vec::with_capacity(parts.len());
+        let mut at = 0u64;
+        for part in &parts {
+            base.push(at);
+            at += part.len() as u64;
+        }
+        let n_out = rows.len().saturating_mul(self.n_cols as usize);
+        let mut take_idx: Vec<u64> = Vec::with_capacity(n_out);
+        for (k, run) in row_runs.iter().enumerate() {
+            let first = run[0];
+            for &r in *run {
+                match &col_place {
+                    None => {
+                        let row_base = base[k * col_runs.len()] + (r - first) * width;
+                        take_idx.extend((0..width).map(|c| row_base + c));
+                    }
+                    Some(place) => {
+                        for &(j, offset) in place {
+                            let len = col_runs[j].end - col_runs[j].start;
+                            take_idx
+                                .push(base[k * col_runs.len() + j] + (r - first) * len + offset);
+                        }
+                    }
                 }
-                let row_base = base + (r - first) * span;
-                match &self.cols {
-                    None => take_idx.extend((0..span).map(|j| row_base + j)),
-                    Some(cols) => take_idx.extend(cols.iter().map(|&c| row_base + c - c0)),
-                }
-                rows_iter.next();
             }
-            base += part.len() as u64;
         }
         take(&all, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))
     }
 
-    /// Reads the selected rows of a CSR matrix, columns remapped to selection positions.
+    /// The output positions that stored column `col` fills (several where `var_names` repeats a
+    /// name), or `None` when every column is selected as stored.
+    fn targets_of(&self, col: u64) -> Option<&[(u64, u32)]> {
+        let targets = self.targets.as_deref()?;
+        let a = targets.partition_point(|t| t.0 < col);
+        let b = a + targets[a..].partition_point(|t| t.0 == col);
+        Some(&targets[a..b])
+    }
+
+    /// Reads the selected rows (ascending, unique) of a CSR matrix, columns remapped to selection
+    /// positions. Without `values`, only the structure is read and the values are nulls.
     ///
     /// Rows whose extents are close in the data arrays (in the same chunk, or a small gap apart)
     /// are read as one range, up to [`MAX_RANGE`] elements; each range is read and its rows'
     /// entries gathered at once (ranges in parallel where the store gains from it), so only the
     /// selected entries outlive the read.
-    fn read_csr(&self, sparse: &Sparse, rows: &[u64]) -> Result<SparseBlock> {
+    fn read_csr(&self, sparse: &Sparse, rows: &[u64], values: bool) -> Result<SparseBlock> {
         let extents: Vec<(u64, u64)> = rows
             .iter()
-            .map(|&r| {
-                match (
-                    sparse.indptr.get(r as usize),
-                    sparse.indptr.get(r as usize + 1),
-                ) {
-                    (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
-                    _ => Err(self.fail(format!("row {r} is outside indptr"))),
-                }
-            })
+            .map(|&r| self.extent(sparse, r))
             .collect::<Result<_>>()?;
         let data_chunk = sparse
             .data_info
@@ -526,27 +638,28 @@ impl MatrixSource {
         let mut ranges: Vec<(u64, u64, Range<usize>)> = Vec::new();
         for (i, &(a, b)) in extents.iter().enumerate() {
             match ranges.last_mut() {
-                Some(last) if a <= last.1 + gap && b.saturating_sub(last.0) <= MAX_RANGE => {
+                Some(last)
+                    if a <= last.1.saturating_add(gap) && b.saturating_sub(last.0) <= MAX_RANGE =>
+                {
                     last.1 = last.1.max(b);
                     last.2.end = i + 1;
                 }
                 _ => ranges.push((a, b, i..i + 1)),
             }
         }
-        let map = self.col_map(self.shape[1])?;
+        let n_stored = self.shape[1];
         let gather = |(a, b, covered): &(u64, u64, Range<usize>)| -> Result<Piece> {
             let mut piece = Piece::default();
-            if b == a {
+            if b <= a {
                 piece.counts = vec![0; covered.len()];
                 piece.data = new_empty_array(&self.dtype.arrow());
                 return Ok(piece);
             }
             let indices = self.store.read(&sparse.indices, &[*a], &[b - a])?;
-            let data = self.store.read(&sparse.data, &[*a], &[b - a])?;
             let indices =
                 Ints::of(&indices).ok_or_else(|| self.fail("indices are not integers"))?;
             let mut take_idx: Vec<u64> = Vec::new();
-            let mut row_entries: Vec<(i32, u64)> = Vec::new();
+            let mut row_entries: Vec<(u32, u64)> = Vec::new();
             for &(ra, rb) in &extents[covered.clone()] {
                 row_entries.clear();
                 for k in ra..rb {
@@ -554,34 +667,36 @@ impl MatrixSource {
                     let col = indices
                         .get(pos as usize)
                         .ok_or_else(|| self.fail("indices out of range"))?;
-                    let new = match &map {
-                        None if col >= 0 && (col as u64) < self.n_cols => col as i32,
-                        None => return Err(self.fail(format!("column index {col} out of bounds"))),
-                        Some(map) => match map.get(col as usize) {
-                            Some(&n) if n >= 0 => n,
-                            Some(_) => continue,
-                            None => {
-                                return Err(self.fail(format!("column index {col} out of bounds")));
-                            }
-                        },
-                    };
-                    row_entries.push((new, pos));
+                    if col < 0 || col as u64 >= n_stored {
+                        return Err(self.fail(format!("column index {col} out of bounds")));
+                    }
+                    match self.targets_of(col as u64) {
+                        None => row_entries.push((col as u32, pos)),
+                        Some(targets) => {
+                            row_entries.extend(targets.iter().map(|&(_, new)| (new, pos)))
+                        }
+                    }
                 }
-                if map.is_some() {
+                if self.targets.is_some() {
                     row_entries.sort_unstable_by_key(|e| e.0);
                 }
                 piece.counts.push(row_entries.len());
                 for &(new, pos) in &row_entries {
-                    piece.indices.push(new);
+                    piece.indices.push(new as i32);
                     take_idx.push(pos);
                 }
             }
-            let identity = take_idx.len() == data.len()
-                && take_idx.iter().enumerate().all(|(i, &p)| i as u64 == p);
-            piece.data = if identity {
-                data
+            piece.data = if !values {
+                new_null_array(&self.dtype.arrow(), take_idx.len())
             } else {
-                take(&data, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))?
+                let data = self.store.read(&sparse.data, &[*a], &[b - a])?;
+                let identity = take_idx.len() == data.len()
+                    && take_idx.iter().enumerate().all(|(i, &p)| i as u64 == p);
+                if identity {
+                    data
+                } else {
+                    take(&data, &UInt64Array::from(take_idx), None).map_err(|e| self.fail(e))?
+                }
             };
             Ok(piece)
         };
@@ -611,52 +726,37 @@ impl MatrixSource {
         })
     }
 
-    /// Old column position -> selection position (-1: not selected), or `None` for all columns.
-    fn col_map(&self, n_minor: u64) -> Result<Option<Vec<i32>>> {
-        let Some(cols) = &self.cols else {
-            return Ok(None);
+    /// The selected rows (ascending, unique) of a CSC matrix, as CSR.
+    ///
+    /// Each call converts one block: it reads the selected columns' ranges (a bounded number of
+    /// elements at a time) and keeps the entries of this block's rows, so memory is bounded by
+    /// the block, whatever the size of the matrix. Values are read only around the kept entries.
+    fn read_csc(&self, sparse: &Sparse, rows: &[u64], values: bool) -> Result<SparseBlock> {
+        let (Some(&lo), Some(&hi)) = (rows.first(), rows.last()) else {
+            return Ok(SparseBlock {
+                offsets: vec![0],
+                indices: Vec::new(),
+                data: new_empty_array(&self.dtype.arrow()),
+            });
         };
-        let mut map = vec![-1i32; n_minor as usize];
-        for (new, &old) in cols.iter().enumerate() {
-            let slot = map
-                .get_mut(old as usize)
-                .ok_or_else(|| self.fail(format!("column {old} out of bounds")))?;
-            *slot = new as i32;
-        }
-        Ok(Some(map))
-    }
-
-    /// Converts a CSC matrix to the CSR of the whole selection, reading only the selected
-    /// columns' ranges.
-    fn convert_csc(&self, sparse: &Sparse) -> Result<SparseBlock> {
         let n_major = sparse.indptr.len().saturating_sub(1) as u64;
-        let cols: Vec<u64> = match &self.cols {
-            Some(c) => c.clone(),
+        let stored: Vec<u64> = match &self.targets {
+            Some(targets) => dedup_sorted(targets.iter().map(|t| t.0)),
             None => (0..n_major).collect(),
         };
-        let n_obs = self.shape[0];
-        let mut row_map = vec![-1i64; n_obs as usize];
-        for (new, &old) in self.rows.iter().enumerate() {
-            if let Some(slot) = row_map.get_mut(old as usize) {
-                *slot = new as i64;
-            }
-        }
-        // Triplets (selection row, selection col, position in the gathered data).
-        let mut triplets: Vec<(i32, i32, u64)> = Vec::new();
+        // (row in the block, output column, position among the kept entries).
+        let mut triplets: Vec<(u32, u32, u64)> = Vec::new();
         let mut data_parts: Vec<ArrayRef> = Vec::new();
-        let mut gathered = 0u64;
-        // Read column ranges in ascending storage order, a bounded number of elements at a time.
-        let mut order: Vec<(usize, u64)> = cols.iter().copied().enumerate().collect();
-        order.sort_unstable_by_key(|&(_, c)| c);
+        let mut kept = 0u64;
         const MAX_READ: u64 = 4 << 20;
         let mut i = 0;
-        while i < order.len() {
-            let (a, _) = self.extent_csc(sparse, order[i].1)?;
+        while i < stored.len() {
+            let (a, _) = self.extent(sparse, stored[i])?;
             let mut j = i;
             let mut b = a;
-            while j < order.len() {
-                let (ca, cb) = self.extent_csc(sparse, order[j].1)?;
-                if ca > b + 4096 || (cb - a > MAX_READ && j > i) {
+            while j < stored.len() {
+                let (ca, cb) = self.extent(sparse, stored[j])?;
+                if ca > b.saturating_add(4096) || (cb - a > MAX_READ && j > i) {
                     break;
                 }
                 b = b.max(cb);
@@ -665,52 +765,72 @@ impl MatrixSource {
             if b > a {
                 let idx = self.store.read(&sparse.indices, &[a], &[b - a])?;
                 let idx = Ints::of(&idx).ok_or_else(|| self.fail("indices are not integers"))?;
-                let data = self.store.read(&sparse.data, &[a], &[b - a])?;
                 let mut keep: Vec<u64> = Vec::new();
-                for &(new_col, col) in &order[i..j] {
-                    let (ca, cb) = self.extent_csc(sparse, col)?;
+                for &col in &stored[i..j] {
+                    let (ca, cb) = self.extent(sparse, col)?;
                     for k in ca..cb {
                         let row = idx
                             .get((k - a) as usize)
                             .ok_or_else(|| self.fail("indices out of range"))?;
-                        let new_row = *row_map
-                            .get(row as usize)
-                            .ok_or_else(|| self.fail(format!("row index {row} out of bounds")))?;
-                        if new_row >= 0 {
-                            triplets.push((
-                                new_row as i32,
-                                new_col as i32,
-                                gathered + keep.len() as u64,
-                            ));
-                            keep.push(k - a);
+                        if row < 0 || row as u64 >= self.shape[0] {
+                            return Err(self.fail(format!("row index {row} out of bounds")));
                         }
+                        let row = row as u64;
+                        if row < lo || row > hi {
+                            continue;
+                        }
+                        let Ok(at) = rows.binary_search(&row) else {
+                            continue;
+                        };
+                        let at = at as u32;
+                        let position = kept + keep.len() as u64;
+                        match self.targets_of(col) {
+                            None => triplets.push((at, col as u32, position)),
+                            Some(targets) => {
+                                triplets.extend(targets.iter().map(|&(_, new)| (at, new, position)))
+                            }
+                        }
+                        keep.push(k - a);
                     }
                 }
-                if !keep.is_empty() {
-                    gathered += keep.len() as u64;
-                    data_parts.push(
-                        take(&data, &UInt64Array::from(keep), None).map_err(|e| self.fail(e))?,
-                    );
+                if let (Some(&first), Some(&last)) = (keep.first(), keep.last()) {
+                    kept += keep.len() as u64;
+                    if values {
+                        // Columns are read in storage order, so kept positions ascend.
+                        let data =
+                            self.store
+                                .read(&sparse.data, &[a + first], &[last - first + 1])?;
+                        let local = UInt64Array::from_iter_values(keep.iter().map(|k| k - first));
+                        data_parts.push(take(&data, &local, None).map_err(|e| self.fail(e))?);
+                    }
                 }
             }
             i = j.max(i + 1);
         }
         triplets.sort_unstable_by_key(|t| (t.0, t.1));
-        let mut offsets = vec![0i32; self.rows.len() + 1];
+        let mut offsets = vec![0i32; rows.len() + 1];
+        let mut counts = vec![0usize; rows.len()];
         for t in &triplets {
-            offsets[t.0 as usize + 1] += 1;
+            counts[t.0 as usize] += 1;
         }
-        for k in 1..offsets.len() {
-            offsets[k] += offsets[k - 1];
+        let mut total = 0usize;
+        for (r, count) in counts.iter().enumerate() {
+            total += count;
+            offsets[r + 1] = i32::try_from(total).map_err(|_| self.fail("block too large"))?;
         }
-        let indices = triplets.iter().map(|t| t.1).collect();
-        let data = concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
-        let data = take(
-            &data,
-            &UInt64Array::from_iter_values(triplets.iter().map(|t| t.2)),
-            None,
-        )
-        .map_err(|e| self.fail(e))?;
+        let indices = triplets.iter().map(|t| t.1 as i32).collect();
+        let data = if values {
+            let data =
+                concat_or_empty(&data_parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
+            take(
+                &data,
+                &UInt64Array::from_iter_values(triplets.iter().map(|t| t.2)),
+                None,
+            )
+            .map_err(|e| self.fail(e))?
+        } else {
+            new_null_array(&self.dtype.arrow(), triplets.len())
+        };
         Ok(SparseBlock {
             offsets,
             indices,
@@ -718,47 +838,42 @@ impl MatrixSource {
         })
     }
 
-    fn extent_csc(&self, sparse: &Sparse, col: u64) -> Result<(u64, u64)> {
+    /// Where major position `major` (a CSR row, a CSC column) lies in `indices` and `data`.
+    fn extent(&self, sparse: &Sparse, major: u64) -> Result<(u64, u64)> {
+        let at = usize::try_from(major).map_err(|_| self.fail("position out of range"))?;
         match (
-            sparse.indptr.get(col as usize),
-            sparse.indptr.get(col as usize + 1),
+            sparse.indptr.get(at),
+            at.checked_add(1).and_then(|n| sparse.indptr.get(n)),
         ) {
-            (Some(&a), Some(&b)) => Ok((a as u64, b as u64)),
-            _ => Err(self.fail(format!("column {col} is outside indptr"))),
+            (Some(&a), Some(&b)) if 0 <= a && a <= b => Ok((a as u64, b as u64)),
+            _ => Err(self.fail(format!("position {major} is outside indptr"))),
         }
     }
 
-    /// Rows `range` of the selection as a sparse block.
-    fn sparse_rows(&self, range: Range<usize>) -> Result<SparseBlock> {
-        let rows = &self.rows[range.clone()];
-        match &self.storage {
-            Storage::Sparse(s) if !s.csc => self.read_csr(s, rows),
-            Storage::Sparse(s) => {
-                let all = self
-                    .converted
-                    .get_or_init(|| self.convert_csc(s).map_err(|e| e.to_string()))
-                    .as_ref()
-                    .map_err(|e| self.fail(e))?;
-                let (a, b) = (all.offsets[range.start], all.offsets[range.end]);
-                Ok(SparseBlock {
-                    offsets: all.offsets[range.start..=range.end]
-                        .iter()
-                        .map(|o| o - a)
-                        .collect(),
-                    indices: all.indices[a as usize..b as usize].to_vec(),
-                    data: all.data.slice(a as usize, (b - a) as usize),
-                })
-            }
+    /// Rows `range` of the selection as a sparse block, in selection order (which for varm/varp
+    /// rows is the order `var_names` gives, repeats included). Without `values`, only the
+    /// structure is read.
+    fn sparse_rows(&self, range: Range<usize>, values: bool) -> Result<SparseBlock> {
+        let wanted = &self.rows[range];
+        let sorted = ascending(wanted);
+        let rows = sorted.as_ref().map_or(wanted, |(rows, _)| rows.as_slice());
+        let block = match &self.storage {
+            Storage::Sparse(s) if !s.csc => self.read_csr(s, rows, values)?,
+            Storage::Sparse(s) => self.read_csc(s, rows, values)?,
             Storage::Dense { path, info } => {
-                let values = self.read_dense(path, info, rows)?;
-                sparsify(&values, rows.len(), self.n_cols).map_err(|e| self.fail(e))
+                let dense = self.read_dense(path, info, rows)?;
+                sparsify(&dense, rows.len(), self.n_cols).map_err(|e| self.fail(e))?
             }
+        };
+        match sorted {
+            None => Ok(block),
+            Some((_, place)) => reorder_sparse(&block, &place).map_err(|e| self.fail(e)),
         }
     }
 
     /// Rows `range` of the selection in the long layout: every entry of dense storage, the nonzeros
-    /// of sparse storage.
-    fn long_rows(&self, range: Range<usize>) -> Result<Vec<ArrayRef>> {
+    /// of sparse storage. Without `values` nothing but the structure is read.
+    fn long_rows(&self, range: Range<usize>, values: bool) -> Result<Vec<ArrayRef>> {
         let (obs, vars) = self
             .names
             .as_ref()
@@ -766,7 +881,7 @@ impl MatrixSource {
         let n = range.len();
         let (row, col, values) = match &self.storage {
             Storage::Sparse(_) => {
-                let block = self.sparse_rows(range.clone())?;
+                let block = self.sparse_rows(range.clone(), values)?;
                 let mut row = Vec::with_capacity(block.indices.len());
                 for r in 0..n {
                     let count = (block.offsets[r + 1] - block.offsets[r]) as usize;
@@ -777,7 +892,12 @@ impl MatrixSource {
             }
             Storage::Dense { .. } => {
                 let n_cols = self.n_cols;
-                let values = self.dense_rows(range.clone())?;
+                let entries = (n as u64).saturating_mul(n_cols) as usize;
+                let values = if values {
+                    self.dense_rows(range.clone())?
+                } else {
+                    new_null_array(&self.dtype.arrow(), entries)
+                };
                 let row = (0..n as u64)
                     .flat_map(|r| std::iter::repeat_n(range.start as u64 + r, n_cols as usize))
                     .collect();
@@ -790,13 +910,29 @@ impl MatrixSource {
         Ok(vec![obs, vars, values])
     }
 
-    /// Rows `range` of the selection as dense values (`rows * n_cols`, row-major).
+    /// Rows `range` of the selection as dense values (`rows * n_cols`, row-major), in selection
+    /// order.
     fn dense_rows(&self, range: Range<usize>) -> Result<ArrayRef> {
         match &self.storage {
-            Storage::Dense { path, info } => self.read_dense(path, info, &self.rows[range]),
+            Storage::Dense { path, info } => {
+                let wanted = &self.rows[range];
+                match ascending(wanted) {
+                    None => self.read_dense(path, info, wanted),
+                    Some((rows, place)) => {
+                        let values = self.read_dense(path, info, &rows)?;
+                        let n_cols = self.n_cols;
+                        let idx = UInt64Array::from_iter_values(
+                            place
+                                .iter()
+                                .flat_map(|&p| (0..n_cols).map(move |c| p as u64 * n_cols + c)),
+                        );
+                        take(&values, &idx, None).map_err(|e| self.fail(e))
+                    }
+                }
+            }
             Storage::Sparse(_) => {
                 let n = range.len();
-                let block = self.sparse_rows(range)?;
+                let block = self.sparse_rows(range, true)?;
                 densify(&block, n, self.n_cols, &self.dtype.arrow()).map_err(|e| self.fail(e))
             }
         }
@@ -859,6 +995,51 @@ fn concat_or_empty(parts: &[ArrayRef], dtype: &DataType) -> Result<ArrayRef, Str
             concat(&refs).map_err(|e| e.to_string())
         }
     }
+}
+
+/// Requested positions as reads want them: ascending and unique, with where each requested
+/// position is among them. `None` when the request already ascends without repeats.
+fn ascending(positions: &[u64]) -> Option<(Vec<u64>, Vec<usize>)> {
+    if positions.windows(2).all(|w| w[0] < w[1]) {
+        return None;
+    }
+    let rows = dedup_sorted(positions.iter().copied());
+    let place = positions
+        .iter()
+        .map(|p| rows.binary_search(p).unwrap_or_else(|i| i))
+        .collect();
+    Some((rows, place))
+}
+
+/// The distinct values, ascending.
+fn dedup_sorted(values: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut values: Vec<u64> = values.collect();
+    values.sort_unstable();
+    values.dedup();
+    values
+}
+
+/// The rows of `block` in the order `place` gives (row `i` of the result is row `place[i]`).
+fn reorder_sparse(block: &SparseBlock, place: &[usize]) -> Result<SparseBlock, String> {
+    let mut offsets = Vec::with_capacity(place.len() + 1);
+    offsets.push(0i32);
+    let mut indices = Vec::new();
+    let mut take_idx: Vec<u64> = Vec::new();
+    for &p in place {
+        let (a, b) = match (block.offsets.get(p), block.offsets.get(p + 1)) {
+            (Some(&a), Some(&b)) => (a as usize, b as usize),
+            _ => return Err(format!("row {p} is outside the block")),
+        };
+        indices.extend_from_slice(&block.indices[a..b]);
+        take_idx.extend((a..b).map(|k| k as u64));
+        offsets.push(i32::try_from(indices.len()).map_err(|_| "block too large".to_string())?);
+    }
+    let data = take(&block.data, &UInt64Array::from(take_idx), None).map_err(|e| e.to_string())?;
+    Ok(SparseBlock {
+        offsets,
+        indices,
+        data,
+    })
 }
 
 /// Groups ascending positions into runs of neighbours.
@@ -930,11 +1111,14 @@ impl BlockSource for MatrixSource {
 
     fn read(&self, range: Range<usize>, projection: Option<&[usize]>) -> Result<RecordBatch> {
         let n = range.len();
-        let mut columns: Vec<ArrayRef> = Vec::new();
         let n_cols = self.n_cols;
-        match &self.output {
+        let wants = |i: usize| projection.is_none_or(|p| p.contains(&i));
+        // Columns that the projection drops are never read: placeholders of the right length
+        // stand in for them until the batch is projected.
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let rows = match &self.output {
             Output::Pairs => {
-                let block = self.sparse_rows(range.clone())?;
+                let block = self.sparse_rows(range.clone(), wants(2))?;
                 let mut row = Vec::with_capacity(block.indices.len());
                 for r in 0..n {
                     let count = (block.offsets[r + 1] - block.offsets[r]) as usize;
@@ -945,20 +1129,25 @@ impl BlockSource for MatrixSource {
                     block.indices.iter().map(|&c| c as i64),
                 )));
                 columns.push(block.data);
+                columns[0].len()
             }
             Output::Matrix {
                 layout: Layout::Long,
                 ..
-            } => columns = self.long_rows(range)?,
+            } => {
+                columns = self.long_rows(range, wants(2))?;
+                columns[0].len()
+            }
             output => {
                 columns.extend(self.index.slice(range.start, n).columns().iter().cloned());
+                let first = columns.len();
                 let item = Arc::new(Field::new("item", self.dtype.arrow(), true));
                 match output {
                     Output::Matrix {
                         layout: Layout::Sparse,
                         ..
                     } => {
-                        let block = self.sparse_rows(range)?;
+                        let block = self.sparse_rows(range, wants(first + 1))?;
                         let offsets = OffsetBuffer::new(block.offsets.into());
                         let indices = Int32Array::from(block.indices);
                         columns.push(Arc::new(ListArray::new(
@@ -973,31 +1162,81 @@ impl BlockSource for MatrixSource {
                         layout: Layout::Wide,
                         ..
                     } => {
-                        let values = self.dense_rows(range)?;
+                        let wanted: Vec<u64> =
+                            (0..n_cols).filter(|&c| wants(first + c as usize)).collect();
+                        let values = if wanted.is_empty() {
+                            None
+                        } else {
+                            Some(self.dense_rows(range)?)
+                        };
                         for c in 0..n_cols {
-                            let idx = UInt64Array::from_iter_values(
-                                (0..n as u64).map(|r| r * n_cols + c),
-                            );
-                            columns.push(take(&values, &idx, None).map_err(|e| self.fail(e))?);
+                            match &values {
+                                Some(values) if wants(first + c as usize) => {
+                                    let idx = UInt64Array::from_iter_values(
+                                        (0..n as u64).map(|r| r * n_cols + c),
+                                    );
+                                    columns
+                                        .push(take(values, &idx, None).map_err(|e| self.fail(e))?);
+                                }
+                                _ => columns.push(new_null_array(&self.dtype.arrow(), n)),
+                            }
                         }
                     }
                     _ => {
-                        let values = self.dense_rows(range)?;
                         let size =
                             i32::try_from(n_cols).map_err(|_| self.fail("too many columns"))?;
+                        let values = if wants(first) {
+                            self.dense_rows(range)?
+                        } else {
+                            new_null_array(&self.dtype.arrow(), n.saturating_mul(n_cols as usize))
+                        };
+                        // With no column selected, the list's length cannot be read off its
+                        // values: it is the number of rows.
                         columns.push(Arc::new(
-                            FixedSizeListArray::try_new(item, size, values, None)
+                            FixedSizeListArray::try_new_with_length(item, size, values, None, n)
                                 .map_err(|e| self.fail(e))?,
                         ));
                     }
                 }
+                n
             }
-        }
-        let batch =
-            RecordBatch::try_new(Arc::clone(&self.schema), columns).map_err(|e| self.fail(e))?;
-        match projection {
-            Some(p) => batch.project(p).map_err(|e| self.fail(e)),
-            None => Ok(batch),
+        };
+        let (schema, columns) = match projection {
+            Some(p) => (
+                Arc::new(self.schema.project(p).map_err(|e| self.fail(e))?),
+                p.iter()
+                    .map(|&i| {
+                        columns
+                            .get(i)
+                            .cloned()
+                            .ok_or_else(|| self.fail(format!("no column {i}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => (Arc::clone(&self.schema), columns),
+        };
+        let options = RecordBatchOptions::new().with_row_count(Some(rows));
+        RecordBatch::try_new_with_options(schema, columns, &options).map_err(|e| self.fail(e))
+    }
+
+    fn records(&self, rows: usize) -> Option<usize> {
+        match (&self.output, &self.storage) {
+            (Output::Pairs, _) => None,
+            (
+                Output::Matrix {
+                    layout: Layout::Long,
+                    ..
+                },
+                Storage::Dense { .. },
+            ) => rows.checked_mul(usize::try_from(self.n_cols).ok()?),
+            (
+                Output::Matrix {
+                    layout: Layout::Long,
+                    ..
+                },
+                Storage::Sparse(_),
+            ) => None,
+            _ => Some(rows),
         }
     }
 
@@ -1006,6 +1245,14 @@ impl BlockSource for MatrixSource {
     }
 
     fn describe(&self) -> String {
-        format!("'{}' of {}", self.element, self.store.location())
+        format!(
+            "'{}' of {}, {} of {} rows x {} of {} columns",
+            self.element,
+            self.store.location(),
+            self.rows.len(),
+            self.shape[0],
+            self.n_cols,
+            self.shape[1]
+        )
     }
 }

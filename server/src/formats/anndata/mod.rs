@@ -474,14 +474,16 @@ impl Element<'_> {
                 .map(|s| s.unwrap_or_default().to_string())
                 .collect()
         };
-        if !selects_vars && vars.len() as u64 != shape[1] {
+        // Checked whatever the selection: every column position read below comes from var.
+        let n_vars = if selects_vars {
+            self.axis_len(true).await?
+        } else {
+            vars.len() as u64
+        };
+        if n_vars != shape[1] {
             return Err(array::data_loss(
                 self.store.location(),
-                format!(
-                    "'{path}' has {} columns, but var has {}",
-                    shape[1],
-                    vars.len()
-                ),
+                format!("'{path}' has {} columns, but var has {n_vars}", shape[1]),
             ));
         }
         let layout = self.request.layout.unwrap_or(match matrix.storage {
@@ -509,15 +511,20 @@ impl Element<'_> {
         output: Output,
     ) -> Result<Arc<dyn TableProvider>> {
         let chunk = matrix.storage.row_chunk();
-        let csc = matches!(&matrix.storage, Storage::Sparse(s) if s.is_csc());
+        let csc = matrix.storage.is_csc();
         let source = MatrixSource::new(Arc::clone(&self.store), path, matrix, selection, output)?;
         let target = self.ctx.state().config().target_partitions();
-        let max_parts = if csc {
-            1
-        } else {
-            (source.dense_bytes().div_ceil(ENDPOINT_BYTES) as usize).clamp(1, target.max(1))
+        let max_parts =
+            (source.dense_bytes().div_ceil(ENDPOINT_BYTES) as usize).clamp(1, target.max(1));
+        // CSC blocks are sized by their entries, which can make one block of a whole selection:
+        // keep at least one block per endpoint the selection's size calls for.
+        let block_rows = match csc {
+            true => source
+                .block_rows()
+                .min(source.rows().len().div_ceil(max_parts).max(1)),
+            false => source.block_rows(),
         };
-        let partitions = split(source.rows(), source.block_rows(), max_parts, chunk);
+        let partitions = split(source.rows(), block_rows, max_parts, chunk);
         Ok(Arc::new(BlockTable::new(Arc::new(source), partitions)))
     }
 }

@@ -123,44 +123,68 @@ impl Hdf5Store {
                 .zip(&d.shape)
                 .all(|((s, c), n)| s.checked_add(*c).is_some_and(|end| end <= *n));
         if !within {
-            return Err(Error::invalid(format!(
-                "read of '{path}' at {start:?} + {count:?} is outside its shape {:?}",
-                d.shape
-            )));
+            // Every selection is checked against the element's shape before reading, so a read
+            // outside it means the file contradicts itself.
+            return Err(data_loss(
+                &self.location,
+                format!(
+                    "read of '{path}' at {start:?} + {count:?} is outside its shape {:?}",
+                    d.shape
+                ),
+            ));
         }
         let width = d.dtype.width();
-        let n: u64 = count.iter().product();
-        let mut buffer = arrow::buffer::MutableBuffer::from_len_zeroed((n * width) as usize);
         let fail = |e: std::io::Error| data_loss(&self.location, format!("reading '{path}': {e}"));
+        // Offsets come from the file: any arithmetic on them that overflows is a corrupt file.
+        let overflow = || data_loss(&self.location, format!("'{path}' has offsets out of range"));
+        let n = count
+            .iter()
+            .try_fold(1u64, |n, c| n.checked_mul(*c))
+            .ok_or_else(overflow)?;
+        let bytes = n.checked_mul(width).ok_or_else(overflow)?;
+        let byte_at = |element: Option<u64>| -> Result<u64> {
+            element
+                .and_then(|e| e.checked_mul(width))
+                .and_then(|b| b.checked_add(d.offset))
+                .ok_or_else(overflow)
+        };
+        let mut buffer = arrow::buffer::MutableBuffer::from_len_zeroed(
+            usize::try_from(bytes).map_err(|_| overflow())?,
+        );
         match (d.shape.as_slice(), start, count) {
             ([_, cols], [r, c], [_, m]) if *c == 0 && m == cols => {
-                let at = d.offset + r * cols * width;
+                let at = byte_at(r.checked_mul(*cols))?;
                 self.raw
                     .read_exact_at(buffer.as_slice_mut(), at)
                     .map_err(fail)?;
             }
             ([_, cols], [r, c], [rows, m]) => {
-                let row_bytes = (m * width) as usize;
+                let row_bytes = usize::try_from(m.saturating_mul(width)).map_err(|_| overflow())?;
                 for (i, out) in buffer
                     .as_slice_mut()
                     .chunks_mut(row_bytes.max(1))
                     .enumerate()
                 {
-                    let at = d.offset + ((r + i as u64) * cols + c) * width;
                     if (i as u64) < *rows {
-                        self.raw.read_exact_at(out, at).map_err(fail)?;
+                        let element = r
+                            .checked_add(i as u64)
+                            .and_then(|row| row.checked_mul(*cols))
+                            .and_then(|e| e.checked_add(*c));
+                        self.raw
+                            .read_exact_at(out, byte_at(element)?)
+                            .map_err(fail)?;
                     }
                 }
             }
             (_, start, _) => {
-                let at = d.offset + start.first().copied().unwrap_or(0) * width;
+                let at = byte_at(Some(start.first().copied().unwrap_or(0)))?;
                 self.raw
                     .read_exact_at(buffer.as_slice_mut(), at)
                     .map_err(fail)?;
             }
         }
         self.reads.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(n * width, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let data = arrow::array::ArrayData::builder(d.dtype.arrow())
             .len(n as usize)
             .add_buffer(buffer.into())

@@ -116,6 +116,25 @@ impl ZarrStore {
     }
 }
 
+impl ZarrStore {
+    /// zarr reads a chunk that is not there as the fill value, which is right for chunks never
+    /// written and wrong for a store removed under a read: after each read, a local array's
+    /// metadata must still be there, or the read fails instead of answering fill values.
+    fn check_present(&self, path: &str) -> Result<()> {
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        let dir = root.join(path);
+        if dir.join("zarr.json").exists() || dir.join(".zarray").exists() {
+            return Ok(());
+        }
+        Err(data_loss(
+            &self.location,
+            format!("array '{path}' was removed while it was being read"),
+        ))
+    }
+}
+
 fn collect(node: &ZarrNode, out: &mut BTreeMap<String, NodeMetadata>) {
     let path = node.path().as_str().trim_matches('/').to_string();
     out.insert(path, node.metadata().clone());
@@ -235,7 +254,7 @@ impl ArrayStore for ZarrStore {
         let fail = |e: zarrs::array::ArrayError| {
             data_loss(&self.location, format!("reading '{path}': {e}"))
         };
-        Ok(match dtype {
+        let values: ArrayRef = match dtype {
             Dtype::Bool => Arc::new(BooleanArray::from(
                 array
                     .retrieve_array_subset::<Vec<bool>>(&subset)
@@ -257,7 +276,9 @@ impl ArrayStore for ZarrStore {
                     .map_err(fail)?;
                 Arc::new(StringArray::from_iter_values(values))
             }
-        })
+        };
+        self.check_present(path)?;
+        Ok(values)
     }
 
     fn fingerprint(&self) -> Option<u64> {

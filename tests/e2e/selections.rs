@@ -1,0 +1,260 @@
+//! One true answer for matrix selections, whatever the path: column subsets read only the column
+//! chunks they need, SQL name predicates reach the matrix read, `count(*)` is the number of rows a
+//! full read returns, and a ticket plans the same on a server with other cores.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, FixedSizeListArray, RecordBatch};
+use arrow::datatypes::{Float32Type, Int64Type};
+use artiflight_server::query::{Command, Statement};
+use artiflight_server::registry::Registry;
+use datafusion::physical_plan::display::DisplayableExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use serde_json::json;
+
+use crate::common::*;
+
+/// The sum of a metric over the plan's nodes.
+fn metric(plan: &Arc<dyn ExecutionPlan>, name: &str) -> u64 {
+    let own = plan
+        .metrics()
+        .and_then(|m| m.sum_by_name(name))
+        .map_or(0, |v| v.as_usize() as u64);
+    own + plan
+        .children()
+        .into_iter()
+        .map(|c| metric(c, name))
+        .sum::<u64>()
+}
+
+fn shown(plan: &Arc<dyn ExecutionPlan>) -> String {
+    DisplayableExecutionPlan::with_metrics(plan.as_ref())
+        .indent(true)
+        .to_string()
+}
+
+async fn run(
+    registry: &Registry,
+    command: serde_json::Value,
+) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Box<dyn std::error::Error + Send + Sync>> {
+    let command = Command::from_json(command.to_string().as_bytes())?;
+    let planner = registry.planner();
+    let resolved = planner.resolve(&command).await?;
+    let planned = planner.plan(&command, &resolved.sources).await?;
+    let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();
+    let batches = collect(plan.clone(), planned.task.clone()).await?;
+    Ok((batches, plan))
+}
+
+async fn sql(
+    registry: &Registry,
+    query: &str,
+) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Box<dyn std::error::Error + Send + Sync>> {
+    let planned = registry
+        .planner()
+        .sql_plan(&Statement::new(query))
+        .await?
+        .planned;
+    let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();
+    let batches = collect(plan.clone(), planned.task.clone()).await?;
+    Ok((batches, plan))
+}
+
+/// X's rows as `Vec<f32>` each, from the dense layout.
+fn dense_rows(batches: &[RecordBatch]) -> Vec<Vec<f32>> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        let x = batch
+            .column_by_name("X")
+            .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+            .expect("X is a fixed-size list");
+        for i in 0..x.len() {
+            rows.push(x.value(i).as_primitive::<Float32Type>().values().to_vec());
+        }
+    }
+    rows
+}
+
+/// 100 cells x 1,000 genes, X[r, c] = r * 1000 + c, in chunks of 10 rows x 100 columns.
+async fn column_chunked(
+    dir: &std::path::Path,
+) -> Result<Registry, Box<dyn std::error::Error + Send + Sync>> {
+    let store = write_zarr_anndata_chunked(&dir.join("cols.zarr"), 100, 1000, [10, 100]);
+    let registry = registry_with(&dir.join("data"), default_config());
+    registry
+        .register(store.to_str().unwrap_or_default(), "cols.zarr", None, true)
+        .await?;
+    Ok(registry)
+}
+
+#[tokio::test]
+async fn a_sparse_column_selection_reads_only_its_column_chunks() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let registry = column_chunked(dir.path()).await?;
+    // The first and the last gene, the last one twice and first: the bounding box would be every
+    // column chunk; the selection touches two.
+    let command = json!({"key": "cols.zarr", "element": ["X"],
+                         "var_names": ["gene999", "gene0", "gene999"]});
+    let (batches, plan) = run(&registry, command).await?;
+    let rows = dense_rows(&batches);
+    assert_eq!(rows.len(), 100);
+    for (r, row) in rows.iter().enumerate() {
+        let r = r as f32 * 1000.0;
+        assert_eq!(row, &[r + 999.0, r, r + 999.0], "row {r}");
+    }
+    let chunk_bytes = 10 * 100 * 4;
+    let (reads, bytes) = (
+        metric(&plan, "store_reads"),
+        metric(&plan, "store_bytes_read"),
+    );
+    // Uncompressed chunks are even decoded partially: at most two column chunks per row chunk,
+    // and far from the bounding box of the two columns (every column of every row).
+    let bounding_box = 100 * 1000 * 4;
+    assert!(
+        reads > 0 && bytes <= 20 * chunk_bytes && bytes * 10 < bounding_box,
+        "only two column chunks per row chunk ({reads} reads, {bytes} bytes):\n{}",
+        shown(&plan)
+    );
+
+    // The whole width reads every chunk once.
+    let (_, plan) = run(&registry, json!({"key": "cols.zarr", "element": ["X"]})).await?;
+    assert_eq!(metric(&plan, "store_reads"), 100);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_empty_variable_selection_has_zero_width() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let registry = column_chunked(dir.path()).await?;
+    for selection in [
+        json!({"var_names": []}),
+        json!({"var_filter": "var_names = 'no such gene'"}),
+    ] {
+        let mut command = json!({"key": "cols.zarr", "element": ["X"], "obs_range": [0, 5]});
+        for (k, v) in selection.as_object().into_iter().flatten() {
+            command[k] = v.clone();
+        }
+        let (batches, plan) = run(&registry, command).await?;
+        let rows = dense_rows(&batches);
+        assert_eq!(rows, vec![Vec::<f32>::new(); 5], "{selection}");
+        assert_eq!(metric(&plan, "store_bytes_read"), 0, "nothing to read");
+        let schema = batches[0].schema();
+        assert_eq!(
+            schema
+                .metadata()
+                .get("artiflight:shape")
+                .map(String::as_str),
+            Some("[5,0]")
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sql_name_predicates_reach_the_matrix_read() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let registry = column_chunked(dir.path()).await?;
+    let (batches, plan) = sql(
+        &registry,
+        "SELECT obs_name, value FROM \"cols.zarr/X\" \
+         WHERE var_name = 'gene150' AND obs_name IN ('cell3', 'cell57') ORDER BY obs_name",
+    )
+    .await?;
+    let values: Vec<f32> = batches
+        .iter()
+        .flat_map(|b| b.column(1).as_primitive::<Float32Type>().values().to_vec())
+        .collect();
+    assert_eq!(values, vec![3150.0, 57150.0]);
+    let text = shown(&plan);
+    assert!(text.contains("2 of 100 rows x 1 of 1000 columns"), "{text}");
+    // Two row chunks of one column chunk.
+    assert_eq!(metric(&plan, "store_reads"), 2, "{text}");
+    assert!(
+        metric(&plan, "store_bytes_read") <= 2 * 10 * 100 * 4,
+        "{text}"
+    );
+
+    // Names alone read no values.
+    let (batches, plan) = sql(
+        &registry,
+        "SELECT obs_name, var_name FROM \"cols.zarr/X\" WHERE var_name IN ('gene1', 'gene2')",
+    )
+    .await?;
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 200);
+    assert_eq!(metric(&plan, "store_bytes_read"), 0, "{}", shown(&plan));
+
+    // A name nobody has selects nothing (and is no error, unlike var_names in a command).
+    let (batches, _) = sql(
+        &registry,
+        "SELECT count(*) FROM \"cols.zarr/X\" WHERE var_name = 'nope'",
+    )
+    .await?;
+    assert_eq!(batches[0].column(0).as_primitive::<Int64Type>().value(0), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sql_count_is_the_number_of_rows_a_full_read_returns() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let registry = column_chunked(dir.path()).await?;
+    let h5ad = demo_file("pbmc68k.h5ad");
+    registry
+        .register(
+            h5ad.to_str().unwrap_or_default(),
+            "pbmc68k.h5ad",
+            None,
+            true,
+        )
+        .await?;
+    for table in [
+        "cols.zarr/X",
+        "cols.zarr/obs",
+        "pbmc68k.h5ad/X",
+        "pbmc68k.h5ad/obs",
+        "pbmc68k.h5ad/var",
+    ] {
+        let (count, _) = sql(&registry, &format!("SELECT count(*) FROM \"{table}\"")).await?;
+        let count = count[0].column(0).as_primitive::<Int64Type>().value(0) as usize;
+        let (all, _) = sql(&registry, &format!("SELECT * FROM \"{table}\"")).await?;
+        let rows: usize = all.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(count, rows, "{table}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ticket_plans_the_same_on_a_server_with_other_partitions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // 40,000 x 200 float32: several endpoints at 2 partitions.
+    let store = write_zarr_anndata(&dir.path().join("wide.zarr"), 40_000, 200, 1000);
+    let data = dir.path().join("data");
+    let issuer = registry_with(&data, artiflight_server::query::session_config(2));
+    issuer
+        .register(store.to_str().unwrap_or_default(), "wide.zarr", None, true)
+        .await?;
+    let command = Command::from_json(br#"{"key": "wide.zarr", "element": ["X"]}"#)?;
+    let resolved = issuer.planner().resolve(&command).await?;
+    let issued = issuer.planner().plan(&command, &resolved.sources).await?;
+    assert_eq!(issued.endpoint_count(), 2);
+    // Another server on the same catalog, with 7 partitions of its own: planning with the
+    // ticket's partitions gives the same endpoints.
+    let server = registry_with(&data, artiflight_server::query::session_config(7));
+    let own = server.planner().plan(&command, &resolved.sources).await?;
+    assert_ne!(
+        own.endpoint_count(),
+        2,
+        "the test needs a server that differs"
+    );
+    let replayed = server
+        .planner()
+        .with_partitions(issuer.planner().target_partitions())
+        .plan(&command, &resolved.sources)
+        .await?;
+    assert_eq!(replayed.endpoint_count(), 2);
+    for e in 0..2 {
+        let a = datafusion::physical_plan::common::collect(issued.execute(e)?).await?;
+        let b = datafusion::physical_plan::common::collect(replayed.execute(e)?).await?;
+        assert_eq!(a, b, "endpoint {e}");
+    }
+    Ok(())
+}
