@@ -258,3 +258,52 @@ async fn a_ticket_plans_the_same_on_a_server_with_other_partitions() -> TestResu
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_zarr_store_removed_under_a_stream_is_an_error_never_fill_values() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // 40,000 x 200 float32 in chunks of 1,000 rows: several blocks, most read after the removal.
+    let store = write_zarr_anndata(&dir.path().join("gone.zarr"), 40_000, 200, 1000);
+    let registry = registry_with(&dir.path().join("data"), session_config_one());
+    registry
+        .register(store.to_str().unwrap_or_default(), "gone.zarr", None, true)
+        .await?;
+    let command = Command::from_json(br#"{"key": "gone.zarr", "element": ["X"]}"#)?;
+    let resolved = registry.planner().resolve(&command).await?;
+    let planned = registry.planner().plan(&command, &resolved.sources).await?;
+    let mut stream = planned.execute(0)?;
+    use futures::StreamExt;
+    let first = stream.next().await.ok_or("no first batch")??;
+    assert!(first.num_rows() > 0);
+    // The user removes the store (not through the catalog, so no lease keeps it).
+    std::fs::remove_dir_all(&store)?;
+    let mut failed = false;
+    while let Some(batch) = stream.next().await {
+        match batch {
+            Ok(batch) => {
+                // A block read before the removal: its values are the stored ones, never zeros.
+                for row in dense_rows(&[batch]) {
+                    assert!(
+                        row[1..].iter().all(|&v| v != 0.0),
+                        "fill values were served"
+                    );
+                }
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("removed"), "{e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        failed,
+        "a stream over a removed store ended without an error"
+    );
+    Ok(())
+}
+
+/// One partition: every block of the matrix is in the one stream this test reads.
+fn session_config_one() -> datafusion::prelude::SessionConfig {
+    artiflight_server::query::session_config(1)
+}

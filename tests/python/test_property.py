@@ -193,12 +193,14 @@ def check(client, key, adata, command, x_kind):
     if element == "varm":
         shown_vars = cols if limit is None else cols[:limit]
         assert table.column("var_names").to_pylist() == adata.var_names[shown_vars].tolist(), where
-        values = table.column("values").combine_chunks().flatten().to_numpy().reshape(len(shown_vars), -1)
+        k = adata.varm["PCs"].shape[1]
+        values = table.column("values").combine_chunks().flatten().to_numpy().reshape(len(shown_vars), k)
         np.testing.assert_array_equal(values, adata.varm["PCs"][shown_vars], err_msg=where)
         return
     if element == "obsm":
         assert table.column("obs_names").to_pylist() == adata.obs_names[shown].tolist(), where
-        values = table.column("values").combine_chunks().flatten().to_numpy().reshape(len(shown), -1)
+        k = adata.obsm["X_pca"].shape[1]
+        values = table.column("values").combine_chunks().flatten().to_numpy().reshape(len(shown), k)
         np.testing.assert_array_equal(values, adata.obsm["X_pca"][shown], err_msg=where)
         return
     if element == "obsp":

@@ -496,7 +496,7 @@ impl MatrixSource {
         let item = self.dtype.width().max(1);
         let col_chunk = info.chunks.as_ref().and_then(|c| c.get(1).copied());
         let (col_runs, col_place) = match &self.targets {
-            None => (vec![0..width], None),
+            None => (std::iter::once(0..width).collect::<Vec<_>>(), None),
             Some(targets) => {
                 let stored: Vec<u64> = dedup_sorted(targets.iter().map(|t| t.0));
                 let runs: Vec<Range<u64>> = coalesce(&stored, |a, b| match col_chunk {

@@ -518,11 +518,12 @@ impl Element<'_> {
             (source.dense_bytes().div_ceil(ENDPOINT_BYTES) as usize).clamp(1, target.max(1));
         // CSC blocks are sized by their entries, which can make one block of a whole selection:
         // keep at least one block per endpoint the selection's size calls for.
-        let block_rows = match csc {
-            true => source
+        let block_rows = if csc {
+            source
                 .block_rows()
-                .min(source.rows().len().div_ceil(max_parts).max(1)),
-            false => source.block_rows(),
+                .min(source.rows().len().div_ceil(max_parts).max(1))
+        } else {
+            source.block_rows()
         };
         let partitions = split(source.rows(), block_rows, max_parts, chunk);
         Ok(Arc::new(BlockTable::new(Arc::new(source), partitions)))
