@@ -180,6 +180,19 @@ struct Serve {
     /// After SIGTERM, how long running streams may finish before they are ended.
     #[arg(long, env = "ARTIFLIGHT_SHUTDOWN_GRACE", default_value = "10s")]
     shutdown_grace: String,
+    /// Memory shared by every query, e.g. 4GiB (default: a quarter of the machine's); sorts,
+    /// aggregates and joins spill to disk under the data dir beyond it.
+    #[arg(long, env = "ARTIFLIGHT_MAX_QUERY_MEMORY")]
+    max_query_memory: Option<String>,
+    /// How long one DoGet stream or SQL statement may run, e.g. 10m (0: no limit).
+    #[arg(long, env = "ARTIFLIGHT_MAX_QUERY_TIME", default_value = "0")]
+    max_query_time: String,
+    /// A DoGet whose client takes nothing for this long is ended and its slot freed (0: never).
+    #[arg(long, env = "ARTIFLIGHT_STALL_TIMEOUT", default_value = "60s")]
+    stall_timeout: String,
+    /// Concurrent calls on one connection.
+    #[arg(long, env = "ARTIFLIGHT_MAX_CONNECTION_STREAMS", default_value_t = 100)]
+    max_connection_streams: u32,
 }
 
 #[derive(Args, Debug)]
@@ -206,8 +219,14 @@ struct Get {
     preview: usize,
 }
 
+/// The state a command opens. Only `serve` keeps the range cache (it sets its size): another
+/// process opening it would evict down to its own limit and remove the server's writes in
+/// progress.
 fn options(global: &Global) -> ServerOptions {
-    ServerOptions::new(&global.data_dir)
+    ServerOptions {
+        cache_bytes: 0,
+        ..ServerOptions::new(&global.data_dir)
+    }
 }
 
 /// Connects to `url` with the global token and trusted certificates.
@@ -245,6 +264,9 @@ fn limits(serve: &Serve) -> Result<Limits> {
             .context("--max-bytes")?,
         request_timeout: duration("request-timeout", &serve.request_timeout)?,
         shutdown_grace: duration("shutdown-grace", &serve.shutdown_grace)?.unwrap_or_default(),
+        max_query_time: duration("max-query-time", &serve.max_query_time)?,
+        stall_timeout: duration("stall-timeout", &serve.stall_timeout)?,
+        max_connection_streams: serve.max_connection_streams,
     })
 }
 
@@ -425,6 +447,10 @@ async fn run_serve(global: &Global, serve: Serve) -> Result<()> {
     let mut opts = options(global);
     opts.limits = limits(&serve)?;
     opts.cache_bytes = parse_size(&serve.cache_size).context("--cache-size")?;
+    if let Some(memory) = &serve.max_query_memory {
+        let bytes = parse_size(memory).context("--max-query-memory")?;
+        opts.max_query_memory = usize::try_from(bytes).unwrap_or(usize::MAX);
+    }
     opts.allow_roots = serve.allow_roots;
     if let Some(n) = serve.target_partitions {
         opts.target_partitions = n;

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod catalog;
 pub mod error;
 pub mod formats;
+pub mod ipc;
 pub mod query;
 pub mod registry;
 pub mod service;
@@ -51,6 +52,21 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Bytes of remote ranges kept on disk under the data dir for repeated reads (0: none).
     pub cache_bytes: u64,
+    /// Memory shared by every query; sorts, aggregates and joins spill to `spill/` in the data dir.
+    pub max_query_memory: usize,
+}
+
+/// A quarter of the machine's memory, the default bound of query memory.
+pub fn default_query_memory() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kib| kib.saturating_mul(1024));
+    usize::try_from(total / 4).unwrap_or(usize::MAX)
 }
 
 impl ServerOptions {
@@ -65,6 +81,7 @@ impl ServerOptions {
             tls: None,
             limits: Limits::default(),
             cache_bytes: 1 << 30,
+            max_query_memory: default_query_memory(),
         }
     }
 }
@@ -84,7 +101,9 @@ impl Server {
                 .with_range_cache(options.cache_bytes)?,
         );
         let catalog = Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?;
-        let planner = Planner::new(catalog, storage, session_config(options.target_partitions));
+        let spill = storage.data_dir().join("spill");
+        let planner = Planner::new(catalog, storage, session_config(options.target_partitions))
+            .with_query_memory(options.max_query_memory, spill)?;
         Ok(Self {
             registry: Registry::new(planner),
             options: options.clone(),

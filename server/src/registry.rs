@@ -56,11 +56,22 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.kept || !self.path.exists() {
+        if self.kept {
             return;
         }
-        if let Err(e) = remove_entry(&self.path) {
-            tracing::warn!(file = %self.path.display(), error = %e, "cannot remove an unfinished upload");
+        let path = std::mem::take(&mut self.path);
+        let remove = move || {
+            if !path.exists() {
+                return;
+            }
+            if let Err(e) = remove_entry(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove an unfinished upload");
+            }
+        };
+        // Off the async threads: a folder (an unfinished add_column) takes a while to remove.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
@@ -72,6 +83,23 @@ fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
     } else {
         std::fs::remove_file(path)
     }
+}
+
+/// Flushes a written file, or a folder and everything in it, to disk.
+fn sync_tree(path: &std::path::Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            sync_tree(&entry?.path())?;
+        }
+        sync_dir(path)
+    } else {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
+
+/// Flushes a folder's entries (a rename or a new file in it) to disk.
+fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// Opens (creating) the uploads lock file; locking it is the caller's.
@@ -272,6 +300,13 @@ impl Registry {
                 }
                 .map_err(|_| Error::Internal(format!("bad managed path {}", path.display())))
             };
+            // What a success answer promises survives a power loss: the data is on disk before
+            // the rename, and the rename before the record.
+            let written = upload.path.clone();
+            tokio::task::spawn_blocking(move || sync_tree(&written))
+                .await
+                .map_err(|e| Error::Internal(format!("sync failed: {e}")))?
+                .map_err(|e| Error::io(upload.path.display(), e))?;
             let hash = storage
                 .hash(&storage.locate(&url(&upload.path)?).await?)
                 .await?;
@@ -285,6 +320,11 @@ impl Registry {
                     .await
                     .map_err(|e| Error::io(target.display(), e))?;
                 upload.keep();
+                let managed = storage.managed_dir();
+                tokio::task::spawn_blocking(move || sync_dir(&managed))
+                    .await
+                    .map_err(|e| Error::Internal(format!("sync failed: {e}")))?
+                    .map_err(|e| Error::io(target.display(), e))?;
             }
             this.register_url(url(&target)?, &key, description, true, true)
                 .await

@@ -110,7 +110,8 @@ impl SqliteCatalog {
         // Another process (the CLI next to a server) may hold the write lock for a moment.
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a committed record is on disk when the commit returns, as an answer promises.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(Self {
@@ -736,6 +737,34 @@ mod tests {
         let (a, _) = SqliteCatalog::open(&path)?.register(new_artifact("a", "h1"))?;
         let reopened = SqliteCatalog::open(&path)?;
         assert_eq!(reopened.resolve("a", None)?, Entry::Artifact(a));
+        Ok(())
+    }
+
+    #[test]
+    fn commits_are_synced_to_disk() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let catalog = SqliteCatalog::open(&dir.path().join("catalog.sqlite"))?;
+        let synchronous: i64 =
+            catalog.read(|c| Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?))?;
+        assert_eq!(synchronous, 2, "synchronous = FULL");
+        Ok(())
+    }
+
+    #[test]
+    fn uids_are_never_issued_twice() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let catalog = SqliteCatalog::open(&dir.path().join("catalog.sqlite"))?;
+        let (v1, _) = catalog.register(new_artifact("k", "h1"))?;
+        let (v2, _) = catalog.register(new_artifact("k", "h2"))?;
+        catalog.delete("k", Some(&v2.uid), true)?;
+        let (v3, _) = catalog.register(new_artifact("k", "h3"))?;
+        assert_ne!(v3.uid, v2.uid);
+        assert_eq!((v1.version, v3.version), (1, 3));
+        // Every version gone: the key's counter still goes on.
+        catalog.delete("k", None, true)?;
+        let (v4, _) = catalog.register(new_artifact("k", "h4"))?;
+        assert!(![&v1.uid, &v2.uid, &v3.uid].contains(&&v4.uid));
+        assert_eq!(v4.version, 4);
         Ok(())
     }
 

@@ -212,6 +212,29 @@ impl Planner {
         }
     }
 
+    /// Bounds the memory of every query of this planner, DoGet plans and SQL alike, to `bytes`
+    /// shared fairly between them; sorts, aggregates and joins spill to `spill_dir` beyond their
+    /// share, and fail with RESOURCE_EXHAUSTED when spilling cannot help.
+    pub fn with_query_memory(
+        mut self,
+        bytes: usize,
+        spill_dir: std::path::PathBuf,
+    ) -> Result<Self> {
+        use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+        use datafusion::execution::memory_pool::FairSpillPool;
+        std::fs::create_dir_all(&spill_dir).map_err(|e| Error::io(spill_dir.display(), e))?;
+        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+        let disk =
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Directories(vec![spill_dir]));
+        self.runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(caches)
+            .with_memory_pool(Arc::new(FairSpillPool::new(bytes.max(1 << 20))))
+            .with_disk_manager_builder(disk)
+            .build_arc()
+            .map_err(Error::from_datafusion)?;
+        Ok(self)
+    }
+
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
     }
@@ -314,11 +337,26 @@ impl Planner {
     }
 
     /// The artifacts a ticket names.
+    ///
+    /// Read in runs of a few hundred, so that a ticket naming many uids (a forged one, or a
+    /// large collection's) never holds the catalog for long.
     pub async fn sources(&self, uids: Vec<String>) -> Result<Vec<ArtifactRecord>> {
+        const MAX_UIDS: usize = 100_000;
         if uids.is_empty() {
             return Err(Error::invalid("ticket names no artifact"));
         }
-        self.catalog.run(move |c| c.artifacts(&uids)).await
+        if uids.len() > MAX_UIDS {
+            return Err(Error::invalid(format!(
+                "ticket names {} artifacts; at most {MAX_UIDS} are read",
+                uids.len()
+            )));
+        }
+        let mut records = Vec::with_capacity(uids.len());
+        for run in uids.chunks(256) {
+            let run = run.to_vec();
+            records.extend(self.catalog.run(move |c| c.artifacts(&run)).await?);
+        }
+        Ok(records)
     }
 
     /// Opens one artifact's element as a table, checking that the server may read it.

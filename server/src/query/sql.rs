@@ -51,6 +51,9 @@ pub const TABLE_TYPE: &str = "TABLE";
 /// The elements an AnnData shows as tables.
 const ANNDATA_TABLES: [&str; 3] = ["obs", "var", "X"];
 
+/// The largest parameter set a handle or ticket may carry (one row of values).
+const MAX_PARAMETER_BYTES: usize = 1 << 20;
+
 /// A SQL statement as it travels in prepared-statement handles and tickets.
 ///
 /// ```
@@ -125,6 +128,14 @@ impl Statement {
         let parameters = if message.parameters.is_empty() {
             None
         } else {
+            // One row of parameters: anything larger is not a parameter set.
+            if message.parameters.len() > MAX_PARAMETER_BYTES {
+                return Err(Error::invalid(format!(
+                    "the statement's parameters take {} bytes; at most {MAX_PARAMETER_BYTES} are                      accepted",
+                    message.parameters.len()
+                )));
+            }
+            crate::ipc::check_stream(&message.parameters)?;
             let bad = |e: arrow::error::ArrowError| {
                 Error::invalid(format!("malformed parameters in statement handle: {e}"))
             };
@@ -419,12 +430,19 @@ impl fmt::Debug for Tables {
 impl SchemaProvider for Tables {
     /// Only `information_schema` and `SHOW TABLES` list names; it is one short catalog read.
     fn table_names(&self) -> Vec<String> {
-        match self
-            .planner
-            .catalog()
-            .store()
-            .list(&RecordFilter::default())
-        {
+        // DataFusion asks synchronously, from async code: the catalog read (which may wait on
+        // another process's write lock) must not stall the worker thread it runs on.
+        let list = || {
+            self.planner
+                .catalog()
+                .store()
+                .list(&RecordFilter::default())
+        };
+        let listed = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(list),
+            _ => list(),
+        };
+        match listed {
             Ok(entries) => entries
                 .iter()
                 .flat_map(SqlTable::of)

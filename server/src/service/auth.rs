@@ -135,3 +135,64 @@ fn credentials(metadata: &MetadataMap) -> Result<Option<Credentials>> {
     }
     Err(malformed())
 }
+
+/// The Flight service behind a credentials check made from the request's headers alone, before
+/// its body is read: with auth on, a client without a valid token gets UNAUTHENTICATED without
+/// the server decoding (or buffering) anything it sent. Roles are checked by each call.
+#[derive(Clone)]
+pub(super) struct CheckedFirst<S> {
+    inner: S,
+    gate: Gate,
+}
+
+impl<S> CheckedFirst<S> {
+    pub(super) fn new(inner: S, gate: Gate) -> Self {
+        Self { inner, gate }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CheckedFirst<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for CheckedFirst<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<std::result::Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        // The service that was polled ready serves this call; a fresh clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            let handshake = request.uri().path().ends_with("/Handshake");
+            if !handshake && gate.authenticator.is_some() {
+                let metadata = MetadataMap::from_headers(request.headers().clone());
+                if let Err(e) = gate.check(&metadata, Role::Read, "this call").await {
+                    return Ok(tonic::Status::from(e).into_http());
+                }
+            }
+            inner.call(request).await
+        })
+    }
+}

@@ -28,7 +28,9 @@ pub(super) struct Cancels {
 struct Inner {
     next_id: u64,
     running: HashMap<u64, (Bytes, oneshot::Sender<()>)>,
+    /// Oldest first, with a set to look them up in constant time.
     cancelled: VecDeque<Bytes>,
+    cancelled_set: std::collections::HashSet<Bytes>,
 }
 
 impl Cancels {
@@ -43,7 +45,7 @@ impl Cancels {
         stream: FlightStream<FlightData>,
     ) -> Result<FlightStream<FlightData>, Status> {
         let mut inner = self.lock();
-        if inner.cancelled.contains(&ticket) {
+        if inner.cancelled_set.contains(&ticket) {
             return Err(Status::cancelled("this flight was cancelled"));
         }
         let (sender, cancelled) = oneshot::channel();
@@ -61,24 +63,31 @@ impl Cancels {
     }
 
     /// Cancels the flight whose endpoints carry `tickets`; returns how many streams were running.
+    ///
+    /// The lock is held for one pass over the running streams, whatever the number of tickets
+    /// (at most [`REMEMBERED`] of them count; a flight has no more endpoints than that).
     pub(super) fn cancel(&self, tickets: impl IntoIterator<Item = Bytes>) -> usize {
+        let tickets: std::collections::HashSet<Bytes> =
+            tickets.into_iter().take(REMEMBERED).collect();
         let mut inner = self.lock();
+        let ids: Vec<u64> = inner
+            .running
+            .iter()
+            .filter(|(_, (t, _))| tickets.contains(t))
+            .map(|(id, _)| *id)
+            .collect();
         let mut stopped = 0;
-        for ticket in tickets {
-            let ids: Vec<u64> = inner
-                .running
-                .iter()
-                .filter(|(_, (t, _))| *t == ticket)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
-                if let Some((_, sender)) = inner.running.remove(&id) {
-                    stopped += usize::from(sender.send(()).is_ok());
-                }
+        for id in ids {
+            if let Some((_, sender)) = inner.running.remove(&id) {
+                stopped += usize::from(sender.send(()).is_ok());
             }
-            if !inner.cancelled.contains(&ticket) {
-                if inner.cancelled.len() == REMEMBERED {
-                    inner.cancelled.pop_front();
+        }
+        for ticket in tickets {
+            if inner.cancelled_set.insert(ticket.clone()) {
+                if inner.cancelled.len() == REMEMBERED
+                    && let Some(oldest) = inner.cancelled.pop_front()
+                {
+                    inner.cancelled_set.remove(&oldest);
                 }
                 inner.cancelled.push_back(ticket);
             }

@@ -108,6 +108,10 @@ impl FlightHandler {
         Arc::clone(&self.governor)
     }
 
+    pub(super) fn gate(&self) -> Gate {
+        self.gate.clone()
+    }
+
     /// Checks the caller's credentials for a call that needs `role`.
     async fn allow<T>(&self, request: &Request<T>, role: Role, what: &str) -> Result<()> {
         self.gate
@@ -259,10 +263,20 @@ impl FlightHandler {
             // A session costs its function registry: made only when something must be opened.
             (None, Ok(sources)) => {
                 let ctx = planner.session();
-                match planner.union(&ctx, &sources, &OpenRequest::default()).await {
-                    Ok(opened) => opened.table.schema(),
-                    Err(e) => {
+                // One entry that cannot be opened, or opens slowly, never holds the listing up.
+                let opened = tokio::time::timeout(
+                    LIST_ENTRY_TIMEOUT,
+                    planner.union(&ctx, &sources, &OpenRequest::default()),
+                )
+                .await;
+                match opened {
+                    Ok(Ok(opened)) => opened.table.schema(),
+                    Ok(Err(e)) => {
                         tracing::warn!(key = entry.key(), error = %e, "cannot open for listing");
+                        std::sync::Arc::new(Schema::empty())
+                    }
+                    Err(_) => {
+                        tracing::warn!(key = entry.key(), "opening for listing timed out");
                         std::sync::Arc::new(Schema::empty())
                     }
                 }
@@ -288,8 +302,15 @@ impl FlightHandler {
             .flight_descriptor
             .clone()
             .ok_or_else(|| Error::invalid("DoPut's first message carries no descriptor"))?;
+        let data = stream::once(async { Ok(first) })
+            .chain(input.map_err(FlightError::from))
+            .and_then(|data| async move {
+                // Compressed buffers are refused before anything decodes them (see `ipc`).
+                crate::ipc::check_header(&data.data_header)
+                    .map_err(|e| FlightError::ExternalError(Box::new(e)))?;
+                Ok(data)
+            });
         if let Some(command) = Self::sql_command(&descriptor) {
-            let data = stream::once(async { Ok(first) }).chain(input.map_err(FlightError::from));
             return self.put_sql(command, data.boxed()).await;
         }
         self.gate.check(&metadata, Role::Write, "DoPut").await?;
@@ -309,7 +330,6 @@ impl FlightHandler {
                 ));
             }
         };
-        let data = stream::once(async { Ok(first) }).chain(input.map_err(FlightError::from));
         let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
         if let Some(command) = add_column {
             let mut columns = Vec::new();
@@ -363,10 +383,20 @@ impl FlightHandler {
                     .trim_start_matches("type.googleapis.com/arrow.flight.protocol.sql.")
             )));
         };
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
-            .try_collect()
-            .await
-            .map_err(flight_input_error)?;
+        // Parameters are one row: more than a few messages is not a parameter set, and nothing
+        // past that is read.
+        let mut stream = FlightRecordBatchStream::new_from_flight_data(data);
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        let mut rows = 0usize;
+        while let Some(batch) = stream.try_next().await.map_err(flight_input_error)? {
+            rows += batch.num_rows();
+            batches.push(batch);
+            if rows > 1 || batches.len() > 16 {
+                return Err(Error::invalid(
+                    "bind one row of parameters per execution, got more",
+                ));
+            }
+        }
         let handle = self
             .sql
             .bind(&query.prepared_statement_handle, batches)
@@ -387,6 +417,10 @@ enum PutBody {
 fn flight_input_error(e: FlightError) -> Error {
     match e {
         FlightError::Tonic(status) => input_status(*status),
+        FlightError::ExternalError(e) => match e.downcast::<Error>() {
+            Ok(e) => *e,
+            Err(e) => Error::invalid(format!("cannot decode uploaded data: {e}")),
+        },
         e => Error::invalid(format!("cannot decode uploaded data: {e}")),
     }
 }
@@ -403,6 +437,9 @@ fn input_status(status: Status) -> Error {
         _ => Error::invalid(format!("the uploaded stream failed: {}", status.message())),
     }
 }
+
+/// How long ListFlights spends opening one entry whose schema was not recorded.
+const LIST_ENTRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn one<T: Send + 'static>(item: T) -> FlightStream<T> {
     stream::once(async { Ok(item) }).boxed()

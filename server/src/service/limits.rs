@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,12 @@ pub struct Limits {
     pub request_timeout: Option<Duration>,
     /// After SIGTERM, how long running streams may go on before they are ended.
     pub shutdown_grace: Duration,
+    /// How long one DoGet stream (a plan's endpoint or a SQL statement's) may run.
+    pub max_query_time: Option<Duration>,
+    /// How long a DoGet's client may take nothing before the stream is ended and its slot freed.
+    pub stall_timeout: Option<Duration>,
+    /// Concurrent HTTP/2 streams (calls) on one connection.
+    pub max_connection_streams: u32,
 }
 
 impl Default for Limits {
@@ -47,6 +53,9 @@ impl Default for Limits {
             max_bytes: None,
             request_timeout: Some(Duration::from_secs(300)),
             shutdown_grace: Duration::from_secs(10),
+            max_query_time: None,
+            stall_timeout: Some(Duration::from_secs(60)),
+            max_connection_streams: 100,
         }
     }
 }
@@ -192,17 +201,33 @@ impl Governor {
         }
     }
 
-    /// Wraps a DoGet stream: it holds `permit`, counts rows and bytes against the limits, and
-    /// ends with UNAVAILABLE when the shutdown grace is over.
+    /// Wraps a DoGet stream: it holds `permit`, counts rows and bytes against the limits, ends
+    /// with DEADLINE_EXCEEDED past `--max-query-time`, with UNAVAILABLE when the shutdown grace
+    /// is over, and is ended (its permit freed) when its client takes nothing for
+    /// `--stall-timeout`.
     pub(super) fn guard(
         &self,
         stream: FlightStream<FlightData>,
         permit: Option<OwnedSemaphorePermit>,
     ) -> FlightStream<FlightData> {
-        Box::pin(Guarded {
+        let shared = Arc::new(Mutex::new(Shared {
             stream: Some(stream),
+            permit,
+            sent_at: None,
+            stalled: false,
+        }));
+        let watchdog = self
+            .limits
+            .stall_timeout
+            .map(|stall| tokio::spawn(watch_stall(Arc::downgrade(&shared), stall)));
+        Box::pin(Guarded {
+            shared,
             ended: self.ended().boxed(),
-            _permit: permit,
+            deadline: self
+                .limits
+                .max_query_time
+                .map(|limit| (limit, Box::pin(tokio::time::sleep(limit)))),
+            watchdog,
             max_rows: self.limits.max_rows,
             max_bytes: self.limits.max_bytes,
             rows: 0,
@@ -211,20 +236,68 @@ impl Governor {
     }
 }
 
-struct Guarded {
+/// What a guarded stream shares with its stall watchdog.
+struct Shared {
     /// `None` once ended: the scan is dropped at once.
     stream: Option<FlightStream<FlightData>>,
+    permit: Option<OwnedSemaphorePermit>,
+    /// When the last message was handed to the client, if it has not asked for more since.
+    sent_at: Option<Instant>,
+    stalled: bool,
+}
+
+/// Ends a stream whose client took nothing for `stall`: a client that stops reading stops asking
+/// for messages (HTTP/2 flow control), so nothing polls the stream that could notice it. The
+/// scan and the stream permit are dropped here; the client, if it ever reads again, is told why.
+async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, stall: Duration) {
+    let tick = (stall / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+        if state.stream.is_none() {
+            return;
+        }
+        if state.sent_at.is_some_and(|at| at.elapsed() >= stall) {
+            tracing::warn!(
+                ?stall,
+                "a client took nothing for --stall-timeout: stream ended"
+            );
+            state.stream = None;
+            state.permit = None;
+            state.stalled = true;
+            return;
+        }
+    }
+}
+
+struct Guarded {
+    shared: Arc<Mutex<Shared>>,
     ended: Pin<Box<dyn Future<Output = ()> + Send>>,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// `--max-query-time` and the timer that ends the stream then.
+    deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
     max_rows: Option<u64>,
     max_bytes: Option<u64>,
     rows: u64,
     bytes: u64,
 }
 
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(watchdog) = &self.watchdog {
+            watchdog.abort();
+        }
+    }
+}
+
 impl Guarded {
     fn end(&mut self, status: Status) -> Poll<Option<Result<FlightData, Status>>> {
-        self.stream = None;
+        let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        state.stream = None;
+        state.permit = None;
         Poll::Ready(Some(Err(status)))
     }
 }
@@ -241,7 +314,21 @@ impl Stream for Guarded {
     type Item = Result<FlightData, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.stream.is_none() {
+        let (stalled, done) = {
+            let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            state.sent_at = None;
+            (state.stalled, state.stream.is_none())
+        };
+        if stalled {
+            self.shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stalled = false;
+            return Poll::Ready(Some(Err(Status::deadline_exceeded(
+                "this stream was ended: its client took nothing for the server's --stall-timeout",
+            ))));
+        }
+        if done {
             return Poll::Ready(None);
         }
         if self.ended.poll_unpin(cx).is_ready() {
@@ -249,12 +336,32 @@ impl Stream for Guarded {
                 "the server is shutting down; ask for this endpoint again",
             ));
         }
-        let Some(stream) = self.stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let item = match stream.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(data))) => data,
-            other => return other,
+        if let Some((limit, timer)) = self.deadline.as_mut()
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            let limit = *limit;
+            return self.end(Status::deadline_exceeded(format!(
+                "this stream ran longer than the server allows ({limit:?}, --max-query-time): \
+                 narrow it with a filter, columns or a limit"
+            )));
+        }
+        let item = {
+            let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(stream) = state.stream.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match stream.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    state.sent_at = Some(Instant::now());
+                    data
+                }
+                Poll::Ready(None) => {
+                    state.stream = None;
+                    state.permit = None;
+                    return Poll::Ready(None);
+                }
+                other => return other,
+            }
         };
         self.rows += rows_of(&item);
         self.bytes += item.data_body.len() as u64;

@@ -23,6 +23,12 @@ pub use limits::{Limits, parse_duration};
 
 use crate::error::{Error, Result};
 
+/// How often an idle connection is pinged, and how long the answer may take.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A TLS identity: a certificate chain and its private key, both PEM.
 #[derive(Clone)]
 pub struct Tls {
@@ -50,9 +56,11 @@ pub async fn serve(
 ) -> Result<()> {
     let governor = handler.governor();
     let max_message = governor.limits.max_message_bytes;
+    let gate = handler.gate();
     let service = FlightServiceServer::new(handler)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.max(64 * 1024 * 1024));
+    let service = auth::CheckedFirst::new(service, gate);
     // Small answers (GetFlightInfo, actions, the end of a stream) must not wait for the peer's
     // delayed ACK: without TCP_NODELAY each costs about 40 ms.
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -63,11 +71,21 @@ pub async fn serve(
         }
         stream
     });
-    let mut builder = tonic::transport::Server::builder();
+    // A connection's calls are bounded, and a peer that vanished without closing (no FIN) is
+    // found by HTTP/2 pings and dropped with everything it held.
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(governor.limits.max_connection_streams.max(1))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
     if let Some(tls) = tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        // A client that opens a connection and never finishes the handshake is dropped.
+        let config = tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .tls_config(config)
             .map_err(|e| Error::invalid(format!("cannot use the TLS certificate and key: {e}")))?;
     }
     let stopping = std::sync::Arc::clone(&governor);

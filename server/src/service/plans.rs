@@ -20,6 +20,10 @@ const KEEP: Duration = Duration::from_secs(30);
 /// How many tickets' plans are kept at most; the oldest go first.
 const MAX_TICKETS: usize = 1024;
 
+/// How many distinct plans are kept at most: a plan can hold a selection's row positions and
+/// names, so a client that asks for flights and never fetches them pins at most this many.
+const MAX_PLANS: usize = 32;
+
 #[derive(Default)]
 pub(super) struct Plans {
     entries: Mutex<HashMap<Bytes, Entry>>,
@@ -37,6 +41,20 @@ impl Plans {
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|_, e| now.duration_since(e.made) < KEEP);
+        // Room for one more plan: the oldest plans go whole, with all their tickets.
+        loop {
+            let mut plans: Vec<(Instant, *const Planned)> = entries
+                .values()
+                .map(|e| (e.made, Arc::as_ptr(&e.planned)))
+                .collect();
+            plans.sort_unstable();
+            plans.dedup_by_key(|p| p.1);
+            if plans.len() < MAX_PLANS {
+                break;
+            }
+            let oldest = plans[0].1;
+            entries.retain(|_, e| Arc::as_ptr(&e.planned) != oldest);
+        }
         for (partition, ticket) in tickets.into_iter().enumerate() {
             if entries.len() >= MAX_TICKETS
                 && let Some(oldest) = entries

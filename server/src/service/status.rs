@@ -10,7 +10,59 @@ use tonic::Status;
 use crate::error::Error;
 
 impl From<Error> for Status {
+    /// The status a client sees: its class, and a message that names keys, elements, columns and
+    /// flags but never the server's file paths (the log keeps the whole error).
     fn from(error: Error) -> Self {
+        let status = classify_error(error);
+        if status.message().contains('/') {
+            Status::new(status.code(), private(status.message()))
+        } else {
+            status
+        }
+    }
+}
+
+/// The message with every local path (`/srv/data/x.parquet`, `file:///srv/...`) replaced by
+/// `<path>`: a client learns nothing of the server's directories from an error.
+///
+/// ```text
+/// cannot read artifact 'k' at file:///srv/data/objects/a.parquet: truncated
+/// cannot read artifact 'k' at <path>: truncated
+/// ```
+pub(crate) fn private(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    // Not `:`, which `s3://bucket/key` has before its slashes.
+    let boundary = |c: char| c.is_whitespace() || "'\"`(=[,".contains(c);
+    let mut previous: Option<char> = None;
+    while let Some(c) = rest.chars().next() {
+        let at_boundary = previous.is_none_or(boundary);
+        let starts = rest.starts_with("file://") || rest.starts_with('/');
+        if at_boundary && starts {
+            let end = rest
+                .find(|c: char| c.is_whitespace() || "'\"`)],".contains(c))
+                .unwrap_or(rest.len());
+            let token = &rest[..end];
+            let path = token.trim_start_matches("file://");
+            // A path has a directory and a name: `/`, ` / ` (division) and `//` are not paths.
+            if path.starts_with('/') && path[1..].contains('/') && path.len() > 3 {
+                let tail = token.trim_end_matches(['.', ':', ';']);
+                out.push_str("<path>");
+                out.push_str(&token[tail.len()..]);
+                previous = token.chars().last();
+                rest = &rest[end..];
+                continue;
+            }
+        }
+        out.push(c);
+        previous = Some(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+fn classify_error(error: Error) -> Status {
+    {
         match error {
             Error::NotFound(m) => Status::not_found(m),
             Error::InvalidArgument(m) => Status::invalid_argument(m),
@@ -54,7 +106,10 @@ fn classify(error: DataFusionError) -> Status {
         {
             Status::invalid_argument(message)
         }
-        DataFusionError::ResourcesExhausted(_) => Status::resource_exhausted(message),
+        DataFusionError::ResourcesExhausted(_) => Status::resource_exhausted(format!(
+            "{message} (the server's query memory, --max-query-memory, is used up even after \
+             spilling to disk: narrow the query, or ask for a larger bound)"
+        )),
         DataFusionError::ParquetError(e) if is_user_predicate_error(e) => {
             Status::invalid_argument(message)
         }
@@ -91,6 +146,29 @@ fn is_user_predicate_error(error: &parquet::errors::ParquetError) -> bool {
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn errors_never_show_local_paths() {
+        let error = Error::DataLoss {
+            location: "artifact 'k' at file:///srv/lab/objects/ab.parquet".into(),
+            message: "Object at location /srv/lab/objects/ab.parquet not found".into(),
+        };
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::DataLoss);
+        assert_eq!(
+            status.message(),
+            "cannot read artifact 'k' at <path>: Object at location <path> not found"
+        );
+        // Division, table names with slashes and remote URLs are not local paths.
+        for kept in [
+            "invalid filter 'a / 2 > b'",
+            "no table \"pbmc68k.h5ad/X\"",
+            "no object at s3://bucket/a/b.parquet",
+        ] {
+            assert_eq!(private(kept), kept);
+        }
+        assert_eq!(private("('/a/b.h5', 3)"), "('<path>', 3)");
+    }
 
     #[test]
     fn external_errors_keep_their_class() {

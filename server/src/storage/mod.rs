@@ -43,6 +43,8 @@ impl Root {
             (Root::Local(dir), "file") => url.to_file_path().is_ok_and(|p| p.starts_with(dir)),
             (Root::Remote(root), _) => {
                 root.scheme() == url.scheme()
+                    // The userinfo names the container in `abfs[s]://container@account...`.
+                    && root.username() == url.username()
                     && root.host_str() == url.host_str()
                     && root.port_or_known_default() == url.port_or_known_default()
                     && segments(url).starts_with(&segments(root))
@@ -377,7 +379,11 @@ impl Storage {
             }
         };
         if url.scheme() == "file" {
-            check_no_escape(url, &files)?;
+            // One `canonicalize` per file: off the async threads.
+            let (checked, listed) = (url.clone(), files.clone());
+            tokio::task::spawn_blocking(move || check_no_escape(&checked, &listed))
+                .await
+                .map_err(|e| Error::Internal(format!("escape check failed: {e}")))??;
         }
         Ok(Located {
             url: url.clone(),
@@ -542,6 +548,14 @@ mod tests {
         assert!(!ok("gs://bucket/prefix/a.parquet"));
         assert!(!ok("s3://bucket/prefix/../other/a.parquet"));
         assert!(!ok("s3://bucket/prefix/%2e%2e/other/a.parquet"));
+        // An Azure root names its container in the userinfo: another container is another root.
+        let azure = Root::parse("abfss://c1@account.dfs.core.windows.net/data")?;
+        let ok = |s: &str| Url::parse(s).map(|u| azure.contains(&u)).unwrap_or(false);
+        assert!(ok("abfss://c1@account.dfs.core.windows.net/data/x.parquet"));
+        assert!(!ok(
+            "abfss://c2@account.dfs.core.windows.net/data/x.parquet"
+        ));
+        assert!(!ok("abfss://account.dfs.core.windows.net/data/x.parquet"));
         Ok(())
     }
 

@@ -20,6 +20,58 @@ use super::{ArrayInfo, ArrayStore, Dtype, Memo, Node, ReadMetrics, data_loss};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 
+/// How deep groups may nest (hard links can make a group its own descendant).
+const MAX_DEPTH: usize = 64;
+
+/// Refuses a file that reaches outside itself: external links, datasets whose raw data lives in
+/// external files, and virtual datasets, which libhdf5 would follow to any file the server can
+/// read, past the allowed roots. Soft links stay inside the file, where their targets are checked.
+fn check_links(group: &hdf5::Group, path: &str, location: &str, depth: usize) -> Result<()> {
+    use hdf5::LinkType;
+    use hdf5::plist::dataset_create::Layout;
+    if depth > MAX_DEPTH {
+        return Err(data_loss(
+            location,
+            format!("groups nest deeper than {MAX_DEPTH} levels at '{path}'"),
+        ));
+    }
+    let mut links = Vec::new();
+    group
+        .iter_visit_default(|name, info| {
+            links.push((name.to_string(), info.link_type));
+            Ok(())
+        })
+        .map_err(|e| data_loss(location, format!("group '{path}': {e}")))?;
+    for (name, kind) in links {
+        let child = super::join(path, &name);
+        let outside = |what: &str| {
+            Error::PermissionDenied(format!(
+                "'{child}' in {location} {what}, which this server does not follow: files outside                  the allowed storage roots are never read"
+            ))
+        };
+        match kind {
+            LinkType::External => return Err(outside("is an external link to another file")),
+            LinkType::Soft => {}
+            LinkType::Hard => {
+                if let Ok(sub) = group.group(&name) {
+                    check_links(&sub, &child, location, depth + 1)?;
+                } else if let Ok(ds) = group.dataset(&name) {
+                    let dcpl = ds
+                        .dcpl()
+                        .map_err(|e| data_loss(location, format!("dataset '{child}': {e}")))?;
+                    if !dcpl.external().is_empty() {
+                        return Err(outside("keeps its data in external files"));
+                    }
+                    if dcpl.layout() == Layout::Virtual {
+                        return Err(outside("is a virtual dataset mapping other files"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// An open HDF5 file.
 #[derive(Debug)]
 pub(crate) struct Hdf5Store {
@@ -47,6 +99,7 @@ impl Hdf5Store {
         let file = File::open(&path)
             .map_err(|e| data_loss(&location, format!("not a readable HDF5 file ({e})")))?;
         let raw = std::fs::File::open(&path).map_err(|e| Error::io(path.display(), e))?;
+        check_links(&file, "", &location, 0)?;
         Ok(Self {
             file,
             raw,
@@ -282,8 +335,10 @@ impl ArrayStore for Hdf5Store {
         }
         let ds = self.dataset(path)?;
         let (_, dtype) = self.dtype(path, &ds)?;
+        let shape: Vec<u64> = ds.shape().into_iter().map(|d| d as u64).collect();
+        super::check_shape(&self.location, path, &shape)?;
         Ok(Some(Node::Array(ArrayInfo {
-            shape: ds.shape().into_iter().map(|d| d as u64).collect(),
+            shape,
             dtype,
             chunks: ds
                 .chunk()
@@ -317,10 +372,12 @@ impl ArrayStore for Hdf5Store {
     fn read(&self, path: &str, start: &[u64], count: &[u64]) -> Result<ArrayRef> {
         let path = path.trim_matches('/');
         if let Some(direct) = self.direct(path)? {
+            super::check_read(&self.location, path, count, direct.dtype)?;
             return self.read_direct(path, &direct, start, count);
         }
         let ds = self.dataset(path)?;
         let (descriptor, dtype) = self.dtype(path, &ds)?;
+        super::check_read(&self.location, path, count, dtype)?;
         let selection = if start.is_empty() {
             Selection::All
         } else {

@@ -298,6 +298,44 @@ pub(crate) fn is_hdf5(suffix: &str) -> bool {
     matches!(suffix, ".h5ad" | ".h5" | ".hdf5")
 }
 
+/// The most rows an array may declare. Planning splits rows into blocks before it reads them,
+/// so a 1 KB store that claims 10^15 rows must fail here, not in an allocation.
+pub(crate) const MAX_ROWS: u64 = 1 << 36;
+
+/// The most bytes one read may produce: a read is allocated up front from its declared size.
+pub(crate) const MAX_READ_BYTES: u64 = 4 << 30;
+
+/// Refuses a declared shape no real store holds: more than [`MAX_ROWS`] rows, or more elements
+/// than a 64-bit count.
+pub(crate) fn check_shape(location: &str, path: &str, shape: &[u64]) -> Result<()> {
+    let elements = shape.iter().try_fold(1u64, |n, d| n.checked_mul(*d));
+    if shape.first().is_some_and(|&rows| rows > MAX_ROWS) || elements.is_none() {
+        return Err(data_loss(
+            location,
+            format!("'{path}' declares shape {shape:?}, larger than any array this server reads"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a read of `count` elements of `dtype` larger than [`MAX_READ_BYTES`].
+pub(crate) fn check_read(location: &str, path: &str, count: &[u64], dtype: Dtype) -> Result<()> {
+    let bytes = count
+        .iter()
+        .try_fold(dtype.width(), |n, d| n.checked_mul(*d));
+    match bytes {
+        Some(bytes) if bytes <= MAX_READ_BYTES => Ok(()),
+        _ => Err(data_loss(
+            location,
+            format!(
+                "a read of {count:?} elements of '{path}' is larger than {} GiB at once; the \
+                 array's declared size is not what the store holds",
+                MAX_READ_BYTES >> 30
+            ),
+        )),
+    }
+}
+
 /// A read failure of `location`.
 pub(crate) fn data_loss(location: &str, what: impl fmt::Display) -> Error {
     Error::DataLoss {

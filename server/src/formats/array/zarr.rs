@@ -193,6 +193,7 @@ impl ArrayStore for ZarrStore {
                         array.data_type().name_v3().unwrap_or_default()
                     ))
                 })?;
+                super::check_shape(&self.location, path, array.shape())?;
                 let zeros = vec![0; array.dimensionality()];
                 let chunks = array
                     .chunk_shape(&zeros)
@@ -249,6 +250,7 @@ impl ArrayStore for ZarrStore {
         let dtype = dtype_of(&array).ok_or_else(|| {
             Error::invalid(format!("array '{path}' has an unsupported data type"))
         })?;
+        super::check_read(&self.location, path, count, dtype)?;
         let ranges: Vec<_> = start.iter().zip(count).map(|(&s, &c)| s..s + c).collect();
         let subset = ArraySubset::new_with_ranges(&ranges);
         let fail = |e: zarrs::array::ArrayError| {
