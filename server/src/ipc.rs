@@ -11,35 +11,50 @@ use arrow::ipc::{MessageHeader, root_as_message};
 use crate::error::{Error, Result};
 
 /// Refuses an IPC message header (a FlightData's `data_header`) that announces compressed
-/// buffers. An empty or unparsable header is left to the decoder, which reports it.
-pub fn check_header(header: &[u8]) -> Result<()> {
+/// buffers, or buffers outside its `body` of `body_len` bytes (the decoder slices them without a
+/// check, and panics). An empty or unparsable header is left to the decoder, which reports it.
+pub fn check_header(header: &[u8], body_len: usize) -> Result<()> {
     if header.is_empty() {
         return Ok(());
     }
     let Ok(message) = root_as_message(header) else {
         return Ok(());
     };
-    let compressed = match message.header_type() {
-        MessageHeader::RecordBatch => message
-            .header_as_record_batch()
-            .is_some_and(|b| b.compression().is_some()),
-        MessageHeader::DictionaryBatch => message
-            .header_as_dictionary_batch()
-            .and_then(|d| d.data())
-            .is_some_and(|b| b.compression().is_some()),
-        _ => false,
+    let batch = match message.header_type() {
+        MessageHeader::RecordBatch => message.header_as_record_batch(),
+        MessageHeader::DictionaryBatch => {
+            message.header_as_dictionary_batch().and_then(|d| d.data())
+        }
+        _ => None,
     };
-    if compressed {
+    let Some(batch) = batch else {
+        return Ok(());
+    };
+    if batch.compression().is_some() {
         return Err(Error::invalid(
             "compressed Arrow IPC buffers are not accepted from clients: send them uncompressed \
              (pyarrow: IpcWriteOptions(compression=None))",
+        ));
+    }
+    let inside = |offset: i64, length: i64| {
+        usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(length).ok())
+            .and_then(|(o, l)| o.checked_add(l))
+            .is_some_and(|end| end <= body_len)
+    };
+    if let Some(buffers) = batch.buffers()
+        && !buffers.iter().all(|b| inside(b.offset(), b.length()))
+    {
+        return Err(Error::invalid(
+            "malformed Arrow IPC batch: a buffer lies outside the message body",
         ));
     }
     Ok(())
 }
 
 /// Checks every message of an IPC stream (`bytes` as a StreamWriter writes them) with
-/// [`check_header`], without decoding any body.
+/// [`check_header`], and that each message's body lies within `bytes`, without decoding any.
 pub fn check_stream(bytes: &[u8]) -> Result<()> {
     let malformed = || Error::invalid("malformed Arrow IPC stream");
     let mut at = 0usize;
@@ -59,12 +74,17 @@ pub fn check_stream(bytes: &[u8]) -> Result<()> {
         }
         let end = at.checked_add(length as usize).ok_or_else(malformed)?;
         let header = bytes.get(at..end).ok_or_else(malformed)?;
-        check_header(header)?;
         let body = root_as_message(header)
             .map_err(|_| malformed())?
             .bodyLength();
         let body = usize::try_from(body).map_err(|_| malformed())?;
+        check_header(header, body)?;
+        // The reader allocates a message's declared body before reading it: a body that claims
+        // more than the stream holds is refused here.
         at = end.checked_add(body).ok_or_else(malformed)?;
+        if at > bytes.len() {
+            return Err(malformed());
+        }
     }
     Ok(())
 }
@@ -102,5 +122,8 @@ mod tests {
         assert!(check_stream(&stream(Some(CompressionType::ZSTD))).is_err());
         assert!(check_stream(b"\xff\xff\xff\xff\x10\x00\x00\x00abc").is_err());
         assert!(check_stream(&[]).is_ok());
+        // A body that claims more than the stream holds (the reader would allocate it).
+        let plain = stream(None);
+        assert!(check_stream(&plain[..plain.len() - 16]).is_err());
     }
 }

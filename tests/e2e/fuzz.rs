@@ -315,3 +315,121 @@ async fn inputs_found_by_fuzzing_are_client_errors() -> TestResult {
     }
     Ok(())
 }
+
+/// An IPC stream of one batch, compressed or not.
+fn ipc_stream(compression: Option<arrow::ipc::CompressionType>) -> Vec<u8> {
+    use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+    let batch = arrow::array::RecordBatch::try_from_iter([(
+        "$1",
+        std::sync::Arc::new(arrow::array::Int64Array::from(vec![7i64; 64]))
+            as arrow::array::ArrayRef,
+    )])
+    .expect("batch");
+    let options = IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .expect("options");
+    let mut writer =
+        StreamWriter::try_new_with_options(Vec::new(), &batch.schema(), options).expect("writer");
+    writer.write(&batch).expect("write");
+    writer.finish().expect("finish");
+    writer.into_inner().expect("bytes")
+}
+
+/// Flight SQL handles and tickets, and the parameters inside them, which a read token controls
+/// entirely: compressed and lying IPC among the seeds.
+#[test]
+fn sql_handles_and_client_ipc_never_panic() {
+    use artiflight_server::query::Statement;
+    let plain = ipc_stream(None);
+    let lz4 = ipc_stream(Some(arrow::ipc::CompressionType::LZ4_FRAME));
+    let zstd = ipc_stream(Some(arrow::ipc::CompressionType::ZSTD));
+    let handle = |parameters: &[u8]| {
+        use prost::Message;
+        artiflight_proto::SqlStatement {
+            version: artiflight_proto::SQL_STATEMENT_VERSION,
+            sql: "SELECT $1 FROM sharded_parquet".into(),
+            parameters: parameters.to_vec(),
+            partition: 1,
+            partition_count: 2,
+            target_partitions: 4,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let seeds = vec![
+        handle(&plain),
+        handle(&lz4),
+        handle(&zstd),
+        plain.clone(),
+        lz4,
+        zstd,
+    ];
+    fuzz(
+        "sql handle",
+        &seeds,
+        iterations(20_000),
+        Duration::from_secs(20),
+        |input| {
+            if let Err(e) = Statement::decode(input) {
+                assert!(is_client_error(&e), "{e:?}");
+            }
+            if let Err(e) = artiflight_server::ipc::check_stream(input) {
+                assert!(is_client_error(&e), "{e:?}");
+            }
+        },
+    );
+}
+
+/// zarr metadata a user controls: an array's `zarr.json` mutated, then opened, planned and read
+/// as a request would. Any answer or error will do; a panic fails, and an abort (an allocation
+/// from a declared shape) would end the test process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zarr_metadata_never_stops_the_reader() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = crate::common::write_zarr_anndata(&dir.path().join("m.zarr"), 40, 6, 10);
+    let registry =
+        crate::common::registry_with(&dir.path().join("data"), crate::common::default_config());
+    registry
+        .register(store.to_str().unwrap_or_default(), "m.zarr", None, true)
+        .await?;
+    let metadata = store.join("X").join("zarr.json");
+    let seeds = vec![std::fs::read(&metadata)?];
+    let mut inputs = Vec::new();
+    fuzz(
+        "zarr metadata",
+        &seeds,
+        iterations(300).min(2_000),
+        Duration::from_secs(20),
+        |input| {
+            inputs.push(input.to_vec());
+        },
+    );
+    let started = Instant::now();
+    let command =
+        Command::from_json(br#"{"key": "m.zarr", "element": ["X"], "obs_range": [5, 25]}"#)?;
+    for (n, input) in inputs.iter().enumerate() {
+        if started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::fs::write(&metadata, input)?;
+        let planner = registry.planner();
+        let outcome = std::panic::AssertUnwindSafe(async {
+            let resolved = planner.resolve(&command).await?;
+            let planned = planner.plan(&command, &resolved.sources).await?;
+            let mut rows = 0;
+            for e in 0..planned.endpoint_count() {
+                let batches: Vec<_> = planned.execute(e)?.try_collect().await?;
+                rows += batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(rows)
+        })
+        .catch_unwind()
+        .await;
+        assert!(
+            outcome.is_ok(),
+            "input {n} panicked: {}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    Ok(())
+}

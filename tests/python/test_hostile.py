@@ -310,6 +310,7 @@ def test_errors_do_not_show_the_servers_paths(hostile):
             client.do_get(e.ticket).read_all()
     message = str(raised.value)
     assert str(hostile.tmp) not in message and "file://" not in message, message
+    assert "corrupt" in message or "part-1.parquet" in message, message
     alive(hostile)
 
 

@@ -139,9 +139,14 @@ impl Statement {
             let bad = |e: arrow::error::ArrowError| {
                 Error::invalid(format!("malformed parameters in statement handle: {e}"))
             };
-            let mut reader =
-                StreamReader::try_new(message.parameters.as_slice(), None).map_err(bad)?;
-            reader.next().transpose().map_err(bad)?
+            // The headers are checked above; a decoder panic on what they cannot show is still
+            // this request's error, never the server's.
+            std::panic::catch_unwind(|| {
+                let mut reader =
+                    StreamReader::try_new(message.parameters.as_slice(), None).map_err(bad)?;
+                reader.next().transpose().map_err(bad)
+            })
+            .unwrap_or_else(|_| Err(Error::invalid("malformed parameters in statement handle")))?
         };
         Ok(Self {
             sql: message.sql,

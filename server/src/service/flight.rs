@@ -306,7 +306,7 @@ impl FlightHandler {
             .chain(input.map_err(FlightError::from))
             .and_then(|data| async move {
                 // Compressed buffers are refused before anything decodes them (see `ipc`).
-                crate::ipc::check_header(&data.data_header)
+                crate::ipc::check_header(&data.data_header, data.data_body.len())
                     .map_err(|e| FlightError::ExternalError(Box::new(e)))?;
                 Ok(data)
             });

@@ -22,12 +22,12 @@ impl From<Error> for Status {
     }
 }
 
-/// The message with every local path (`/srv/data/x.parquet`, `file:///srv/...`) replaced by
-/// `<path>`: a client learns nothing of the server's directories from an error.
+/// The message with every local path (`/srv/data/x.parquet`, `file:///srv/...`) cut to the
+/// file's name: a client learns what is broken, and nothing of the server's directories.
 ///
 /// ```text
 /// cannot read artifact 'k' at file:///srv/data/objects/a.parquet: truncated
-/// cannot read artifact 'k' at <path>: truncated
+/// cannot read artifact 'k' at .../a.parquet: truncated
 /// ```
 pub(crate) fn private(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
@@ -47,7 +47,18 @@ pub(crate) fn private(message: &str) -> String {
             // A path has a directory and a name: `/`, ` / ` (division) and `//` are not paths.
             if path.starts_with('/') && path[1..].contains('/') && path.len() > 3 {
                 let tail = token.trim_end_matches(['.', ':', ';']);
-                out.push_str("<path>");
+                // The file's own name stays: it names what is broken, and shows no directory.
+                let folder = tail.ends_with('/');
+                let name = tail
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default();
+                out.push_str(".../");
+                out.push_str(name);
+                if folder {
+                    out.push('/');
+                }
                 out.push_str(&token[tail.len()..]);
                 previous = token.chars().last();
                 rest = &rest[end..];
@@ -157,7 +168,7 @@ mod tests {
         assert_eq!(status.code(), Code::DataLoss);
         assert_eq!(
             status.message(),
-            "cannot read artifact 'k' at <path>: Object at location <path> not found"
+            "cannot read artifact 'k' at .../ab.parquet: Object at location .../ab.parquet not found"
         );
         // Division, table names with slashes and remote URLs are not local paths.
         for kept in [
@@ -167,7 +178,8 @@ mod tests {
         ] {
             assert_eq!(private(kept), kept);
         }
-        assert_eq!(private("('/a/b.h5', 3)"), "('<path>', 3)");
+        assert_eq!(private("('/a/b.h5', 3)"), "('.../b.h5', 3)");
+        assert_eq!(private("at file:///srv/x.zarr/."), "at .../x.zarr/.");
     }
 
     #[test]

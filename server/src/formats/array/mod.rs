@@ -252,10 +252,17 @@ pub(crate) fn join(parent: &str, child: &str) -> String {
 pub(crate) fn open_store(located: &Located, suffix: &str) -> Result<Arc<dyn ArrayStore>> {
     let key = located.url.to_string();
     let cached = STORES.lock().ok().and_then(|c| c.get(&key).cloned());
-    if let Some((stamp, store)) = cached
-        && store.fingerprint().is_some_and(|now| now == stamp)
-    {
-        return Ok(store);
+    if let Some((stamp, store)) = cached {
+        if store.fingerprint().is_some_and(|now| now == stamp) {
+            return Ok(store);
+        }
+        // Changed on disk: the stale store is closed first. libhdf5 hands a second open of a
+        // file that is still open the first one's state, which would hide the change (a file
+        // truncated since would read from the stale metadata cache).
+        drop(store);
+        if let Ok(mut cache) = STORES.lock() {
+            cache.remove(&key);
+        }
     }
     let store: Arc<dyn ArrayStore> = if is_hdf5(suffix) {
         Arc::new(hdf5::Hdf5Store::open(located)?)
