@@ -1,14 +1,11 @@
 //! AnnData readers: chunk-aware subset reads (counted at the store), errors for unknown elements,
 //! bad filters and damaged files, all while the server keeps serving.
 
-use std::sync::Arc;
-
 use arrow::array::{Array, AsArray, FixedSizeListArray};
 use arrow::datatypes::Float32Type;
 use artiflight_client::{Code, Request};
 use artiflight_server::query::Command;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
-use datafusion::physical_plan::{ExecutionPlan, collect};
 use serde_json::json;
 
 use crate::common::*;
@@ -18,36 +15,6 @@ fn code_of<T>(result: Result<T, artiflight_client::Error>) -> (Option<Code>, Str
         Ok(_) => panic!("expected an error"),
         Err(e) => (e.code(), e.to_string()),
     }
-}
-
-/// The sum of a metric over the plan's nodes.
-fn metric(plan: &Arc<dyn ExecutionPlan>, name: &str) -> u64 {
-    let own = plan
-        .metrics()
-        .and_then(|m| m.sum_by_name(name))
-        .map_or(0, |v| v.as_usize() as u64);
-    own + plan
-        .children()
-        .into_iter()
-        .map(|c| metric(c, name))
-        .sum::<u64>()
-}
-
-/// Runs a command in-process; returns the batches and the executed plan.
-async fn run(
-    registry: &artiflight_server::registry::Registry,
-    command: serde_json::Value,
-) -> Result<
-    (Vec<arrow::array::RecordBatch>, Arc<dyn ExecutionPlan>),
-    Box<dyn std::error::Error + Send + Sync>,
-> {
-    let command = Command::from_json(command.to_string().as_bytes())?;
-    let planner = registry.planner();
-    let resolved = planner.resolve(&command).await?;
-    let planned = planner.plan(&command, &resolved.sources).await?;
-    let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();
-    let batches = collect(plan.clone(), planned.task.clone()).await?;
-    Ok((batches, plan))
 }
 
 #[tokio::test]

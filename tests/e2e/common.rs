@@ -7,10 +7,11 @@ use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use artiflight_client::Client;
 use artiflight_server::catalog::Catalog;
-use artiflight_server::query::{Planner, session_config};
+use artiflight_server::query::{Command, Planner, session_config};
 use artiflight_server::registry::Registry;
 use artiflight_server::storage::Storage;
 use artiflight_server::{Server, ServerOptions};
+use datafusion::physical_plan::ExecutionPlan;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
@@ -334,4 +335,34 @@ pub(crate) fn demo_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("demo")
         .join(name)
+}
+
+/// The sum of a metric over the plan's nodes.
+pub(crate) fn metric(plan: &Arc<dyn ExecutionPlan>, name: &str) -> u64 {
+    let own = plan
+        .metrics()
+        .and_then(|m| m.sum_by_name(name))
+        .map_or(0, |v| v.as_usize() as u64);
+    own + plan
+        .children()
+        .into_iter()
+        .map(|c| metric(c, name))
+        .sum::<u64>()
+}
+
+/// Runs a command in-process; returns the batches and the executed plan.
+pub(crate) async fn run(
+    registry: &Registry,
+    command: serde_json::Value,
+) -> Result<
+    (Vec<arrow::array::RecordBatch>, Arc<dyn ExecutionPlan>),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let command = Command::from_json(command.to_string().as_bytes())?;
+    let planner = registry.planner();
+    let resolved = planner.resolve(&command).await?;
+    let planned = planner.plan(&command, &resolved.sources).await?;
+    let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();
+    let batches = datafusion::physical_plan::collect(plan.clone(), planned.task.clone()).await?;
+    Ok((batches, plan))
 }

@@ -14,36 +14,10 @@ use serde_json::json;
 
 use crate::common::*;
 
-/// The sum of a metric over the plan's nodes.
-fn metric(plan: &Arc<dyn ExecutionPlan>, name: &str) -> u64 {
-    let own = plan
-        .metrics()
-        .and_then(|m| m.sum_by_name(name))
-        .map_or(0, |v| v.as_usize() as u64);
-    own + plan
-        .children()
-        .into_iter()
-        .map(|c| metric(c, name))
-        .sum::<u64>()
-}
-
 fn shown(plan: &Arc<dyn ExecutionPlan>) -> String {
     DisplayableExecutionPlan::with_metrics(plan.as_ref())
         .indent(true)
         .to_string()
-}
-
-async fn run(
-    registry: &Registry,
-    command: serde_json::Value,
-) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Box<dyn std::error::Error + Send + Sync>> {
-    let command = Command::from_json(command.to_string().as_bytes())?;
-    let planner = registry.planner();
-    let resolved = planner.resolve(&command).await?;
-    let planned = planner.plan(&command, &resolved.sources).await?;
-    let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();
-    let batches = collect(plan.clone(), planned.task.clone()).await?;
-    Ok((batches, plan))
 }
 
 async fn sql(
