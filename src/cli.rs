@@ -9,7 +9,8 @@ use arrow::datatypes::SchemaRef;
 use artiflight_client::{Client, Request};
 use std::time::Duration;
 
-use artiflight_server::auth::{Role, Token};
+use artiflight_server::auth::Token;
+use artiflight_server::catalog::Role;
 use artiflight_server::catalog::{Entry, RecordFilter};
 use artiflight_server::service::{Limits, Tls, parse_duration};
 use artiflight_server::{Server, ServerOptions};

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod catalog;
+mod dataframe;
 pub mod error;
 pub mod formats;
 pub mod ipc;

@@ -181,7 +181,7 @@ pub struct NewArtifact {
 pub struct TokenRecord {
     /// Unique; the user name in basic auth.
     pub name: String,
-    pub role: crate::auth::Role,
+    pub role: Role,
     /// [`crate::auth::Token::hash_of`] the token; never listed.
     #[serde(skip)]
     pub hash: String,
@@ -221,7 +221,7 @@ pub trait CatalogStore: Send + Sync {
     /// managed storage must keep.
     fn artifact_paths(&self) -> Result<Vec<String>>;
     /// Stores a new token's hash under a name not yet in use.
-    fn create_token(&self, name: &str, role: crate::auth::Role, hash: &str) -> Result<TokenRecord>;
+    fn create_token(&self, name: &str, role: Role, hash: &str) -> Result<TokenRecord>;
     /// The live tokens, by name.
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Deletes the token `name`; it stops working at once.
@@ -257,5 +257,44 @@ impl Catalog {
     /// The store itself, for synchronous callers such as the command line.
     pub fn store(&self) -> &dyn CatalogStore {
         self.0.as_ref()
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// List, describe and read.
+    Read,
+    /// Also DoPut, register, create collections, delete and add columns.
+    Write,
+}
+
+impl Role {
+    /// Whether a holder of `self` may do what `needed` allows.
+    pub fn allows(self, needed: Role) -> bool {
+        self >= needed
+    }
+
+    /// The role's name, as `--role` and the catalog spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "read" => Ok(Role::Read),
+            "write" => Ok(Role::Write),
+            other => Err(Error::invalid(format!(
+                "unknown role '{other}': expected 'read' or 'write'"
+            ))),
+        }
     }
 }

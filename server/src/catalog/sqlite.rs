@@ -10,9 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::{
     ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
-    TokenRecord,
+    Role, TokenRecord,
 };
-use crate::auth::Role;
 use crate::error::{Error, Result};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

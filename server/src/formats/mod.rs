@@ -126,7 +126,7 @@ pub trait Format: Send + Sync {
             .scan(&ctx.state(), None, &[], None)
             .await
             .map_err(Error::from_datafusion)?;
-        let rows = match crate::query::statistics(plan.as_ref()).map(|s| s.num_rows) {
+        let rows = match crate::dataframe::statistics(plan.as_ref()).map(|s| s.num_rows) {
             Some(Precision::Exact(n)) => Some(n as u64),
             _ => None,
         };

@@ -11,6 +11,5 @@ mod ticket;
 
 pub use command::{Command, Layout};
 pub use plan::{Planned, Planner, Resolved, session_config, statistics, unify_schemas};
-pub(crate) use plan::{apply_filter, select_columns};
 pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlTable, Statement, TABLE_TYPE};
 pub use ticket::TicketSpec;

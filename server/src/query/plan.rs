@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::common::stats::Precision;
-use datafusion::common::tree_node::TreeNode;
 use datafusion::common::{Column, ScalarValue};
 use datafusion::datasource::ViewTable;
 use datafusion::execution::TaskContext;
@@ -14,8 +13,7 @@ use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
-    ExecutionPlan, ExecutionPlanProperties, SendableRecordBatchStream, StatisticsArgs,
-    StatisticsContext,
+    ExecutionPlan, ExecutionPlanProperties, SendableRecordBatchStream,
 };
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use futures::{StreamExt, TryStreamExt, stream};
@@ -24,6 +22,8 @@ use url::Url;
 use super::Command;
 use super::prune::PruneFilesByStatistics;
 use crate::catalog::{ArtifactRecord, Catalog, Entry};
+pub use crate::dataframe::statistics;
+use crate::dataframe::{apply_filter, select_columns};
 use crate::error::{Error, Result, guard_reader, panic_message};
 use crate::formats::{self, Opened, Request};
 use crate::storage::{Lease, Storage};
@@ -48,13 +48,6 @@ pub fn session_config(target_partitions: usize) -> SessionConfig {
     // must read exactly its own file group, never steal its siblings' files.
     options.execution.enable_file_stream_work_stealing = false;
     config
-}
-
-/// The plan's overall statistics (row counts from parquet footers, for one), if it has any.
-pub fn statistics(plan: &dyn ExecutionPlan) -> Option<Arc<datafusion::common::Statistics>> {
-    StatisticsContext::new()
-        .compute(plan, &StatisticsArgs::new())
-        .ok()
 }
 
 /// The read leases a session's plans hold: every artifact a plan opens stays leased while the
@@ -489,47 +482,6 @@ impl Planner {
             .map_err(Error::from_datafusion)?;
         Ok(Planned { plan, task, limit })
     }
-}
-
-/// Filters `df` by a SQL boolean expression; a parse error or a missing column is
-/// INVALID_ARGUMENT with the parser's message.
-pub(crate) fn apply_filter(ctx: &SessionContext, df: DataFrame, filter: &str) -> Result<DataFrame> {
-    let invalid = |e: datafusion::error::DataFusionError| {
-        Error::invalid(format!(
-            "invalid filter '{filter}': {}",
-            e.strip_backtrace()
-        ))
-    };
-    let expr = ctx.parse_sql_expr(filter, df.schema()).map_err(invalid)?;
-    // A filter is a whole expression: `$1` or `?` would fail only when executed, as if the
-    // server had erred (found by tests/e2e/fuzz.rs).
-    if expr
-        .exists(|e| Ok(matches!(e, Expr::Placeholder(_))))
-        .unwrap_or(false)
-    {
-        return Err(Error::invalid(format!(
-            "invalid filter '{filter}': parameters ($1, ?) are for Flight SQL prepared statements; \
-             write the value into the filter"
-        )));
-    }
-    let df = df.filter(expr).map_err(invalid)?;
-    // Types are coerced when the plan is analyzed, later, where a filter comparing a number with
-    // a struct or a boolean with a range would surface as DataFusion's internal error: check now.
-    // Read in place: cloning the session's state per request would copy its function registry.
-    let state = ctx.state_ref();
-    let state = state.read();
-    state
-        .analyzer()
-        .execute_and_check(df.logical_plan().clone(), state.config_options(), |_, _| {})
-        .map_err(invalid)?;
-    Ok(df)
-}
-
-/// Projects `df` to `columns`, in that order; an unknown column is INVALID_ARGUMENT naming it.
-pub(crate) fn select_columns(df: DataFrame, columns: &[String]) -> Result<DataFrame> {
-    let names: Vec<&str> = columns.iter().map(String::as_str).collect();
-    df.select_columns(&names)
-        .map_err(|e| Error::invalid(format!("invalid columns: {}", e.strip_backtrace())))
 }
 
 /// Unifies member schemas by column name, in the first member's column order, then new columns

@@ -7,7 +7,12 @@ use base64::Engine;
 use prost::Message;
 use tonic::metadata::MetadataMap;
 
-use crate::auth::{Authenticator, Identity, Role};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::auth::Token;
+use crate::catalog::{Catalog, Role, TokenRecord};
 use crate::error::{Error, Result};
 
 /// Who may do what: nobody is checked when auth is off.
@@ -194,5 +199,68 @@ where
             }
             inner.call(request).await
         })
+    }
+}
+
+/// Who is calling: a token's name and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Identity {
+    /// The token's name: the user name in basic auth.
+    pub(super) name: String,
+    pub(super) role: Role,
+}
+
+/// How long known tokens are trusted before the catalog is asked again: a revoked token stops
+/// working within this time, also when another process (the CLI) revoked it.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// Checks presented tokens against the catalog's hashes, re-reading them every [`REFRESH`].
+pub(super) struct Authenticator {
+    catalog: Catalog,
+    known: Mutex<Option<(Instant, HashMap<String, Identity>)>>,
+}
+
+impl Authenticator {
+    /// An authenticator over the tokens in `catalog`; nothing is read until the first call.
+    pub(super) fn new(catalog: Catalog) -> Self {
+        Self {
+            catalog,
+            known: Mutex::new(None),
+        }
+    }
+
+    /// The identity of `secret`, or UNAUTHENTICATED.
+    pub(super) async fn verify(&self, secret: &str) -> Result<Identity> {
+        let hash = Token::hash_of(secret);
+        let fresh = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            match known.as_ref() {
+                Some((at, tokens)) if at.elapsed() < REFRESH => Some(tokens.get(&hash).cloned()),
+                _ => None,
+            }
+        };
+        let found = match fresh {
+            Some(found) => found,
+            None => {
+                let tokens = self.catalog.run(|c| c.tokens()).await?;
+                let tokens: HashMap<String, Identity> = tokens
+                    .into_iter()
+                    .map(|t: TokenRecord| {
+                        (
+                            t.hash,
+                            Identity {
+                                name: t.name,
+                                role: t.role,
+                            },
+                        )
+                    })
+                    .collect();
+                let found = tokens.get(&hash).cloned();
+                *self.known.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), tokens));
+                found
+            }
+        };
+        found.ok_or_else(|| Error::Unauthenticated("invalid or revoked token".into()))
     }
 }

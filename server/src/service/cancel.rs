@@ -13,7 +13,7 @@ use futures::channel::oneshot;
 use futures::{FutureExt, Stream, StreamExt};
 use tonic::Status;
 
-use super::flight::FlightStream;
+use super::stream::FlightStream;
 
 /// How many cancelled tickets are remembered, so that a DoGet arriving after the cancel is refused.
 const REMEMBERED: usize = 4096;

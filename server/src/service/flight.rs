@@ -1,13 +1,11 @@
 //! The Arrow Flight service, and the router that sends Flight SQL messages to [`SqlService`].
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::decode::FlightRecordBatchStream;
-use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::flight_service_server::FlightService;
@@ -22,20 +20,19 @@ use serde_json::json;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::actions;
+use super::auth::Authenticator;
 use super::auth::Gate;
 use super::cancel::Cancels;
 use super::limits::{Governor, Limits};
 use super::plans::Plans;
 use super::sql::{self, SqlService, sql_message};
-use crate::auth::{Authenticator, Role};
+use super::stream::{FlightStream, stream_partition};
+use crate::catalog::Role;
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
 use crate::formats::{AnnData, Format, Request as OpenRequest};
 use crate::query::{Command, Planned, Resolved, TicketSpec};
 use crate::registry::Registry;
-
-pub(super) type FlightStream<T> =
-    Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Flight's own actions that the server answers besides its JSON actions and Flight SQL's.
 const FLIGHT_ACTIONS: &[(&str, &str)] = &[
@@ -60,32 +57,6 @@ pub struct FlightHandler {
     plans: Arc<Plans>,
     gate: Gate,
     governor: Arc<Governor>,
-}
-
-/// Streams record batches as Flight data. Dictionaries are resent rather than hydrated, so that
-/// categoricals stay dictionaries and match the announced schema.
-pub(super) fn batches_to_flight(
-    schema: SchemaRef,
-    batches: BoxStream<'static, Result<RecordBatch, FlightError>>,
-) -> FlightStream<FlightData> {
-    FlightDataEncoderBuilder::new()
-        .with_schema(schema)
-        .with_dictionary_handling(DictionaryHandling::Resend)
-        .build(batches)
-        .map_err(Status::from)
-        .boxed()
-}
-
-/// Streams one partition of a plan. Pull-based: tonic asks for the next message only when the
-/// client can take it, and dropping the response (a vanished client) drops the scan.
-pub(super) fn stream_partition(
-    planned: &Planned,
-    partition: usize,
-) -> Result<FlightStream<FlightData>> {
-    let batches = planned
-        .execute(partition)?
-        .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from_datafusion(e)))));
-    Ok(batches_to_flight(planned.schema(), batches.boxed()))
 }
 
 impl FlightHandler {

@@ -15,7 +15,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::Status;
 
-use super::flight::FlightStream;
+use super::stream::FlightStream;
 use crate::error::{Error, Result};
 
 /// The server's limits (SPEC section 9). `None` means unlimited.

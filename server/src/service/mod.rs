@@ -10,6 +10,7 @@ mod limits;
 mod plans;
 mod sql;
 mod status;
+mod stream;
 
 use std::future::Future;
 

@@ -31,8 +31,8 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::cancel::Cancels;
-use super::flight::{FlightStream, batches_to_flight, stream_partition};
 use super::plans::Plans;
+use super::stream::{FlightStream, batches_to_flight, stream_partition};
 use crate::error::{Error, Result};
 use crate::query::{CATALOG, Planner, SCHEMA, SqlPlan, Statement, TABLE_TYPE};
 use crate::registry::Registry;

@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use super::super::array::{ArrayInfo, ArrayStore, Dtype, Node, ReadMetrics, data_loss, join};
 use super::super::blocks::BlockSource;
 use crate::error::{Error, Result};
-use crate::query::Layout;
+use crate::formats::Layout;
 
 /// Bytes of matrix data per record batch (and per block read).
 const BLOCK_BYTES: u64 = 8 << 20;
