@@ -216,12 +216,17 @@ impl Governor {
             sent_at: None,
             stalled: false,
         }));
-        let watchdog = self
-            .limits
-            .stall_timeout
-            .map(|stall| tokio::spawn(watch_stall(Arc::downgrade(&shared), stall)));
+        let mark = Arc::new(WakeMark::default());
+        let watchdog = self.limits.stall_timeout.map(|stall| {
+            tokio::spawn(watch_stall(
+                Arc::downgrade(&shared),
+                Arc::clone(&mark),
+                stall,
+            ))
+        });
         Box::pin(Guarded {
             shared,
+            mark,
             ended: self.ended().boxed(),
             deadline: self
                 .limits
@@ -246,10 +251,35 @@ struct Shared {
     stalled: bool,
 }
 
+/// When the scan last had a message ready that nobody came to take. The scan's wake-ups go
+/// through [`MarkingWaker`], so a client that stops reading while the scan is still producing is
+/// seen too (the server is then never polled again, and `sent_at` was already cleared).
+#[derive(Default)]
+struct WakeMark(Mutex<Option<Instant>>);
+
+impl WakeMark {
+    fn get(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Wakes the guarded stream's task and marks when.
+struct MarkingWaker {
+    mark: Arc<WakeMark>,
+    inner: std::task::Waker,
+}
+
+impl futures::task::ArcWake for MarkingWaker {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.mark.get().get_or_insert_with(Instant::now);
+        arc_self.inner.wake_by_ref();
+    }
+}
+
 /// Ends a stream whose client took nothing for `stall`: a client that stops reading stops asking
 /// for messages (HTTP/2 flow control), so nothing polls the stream that could notice it. The
 /// scan and the stream permit are dropped here; the client, if it ever reads again, is told why.
-async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, stall: Duration) {
+async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, mark: Arc<WakeMark>, stall: Duration) {
     let tick = (stall / 4).max(Duration::from_millis(50));
     loop {
         tokio::time::sleep(tick).await;
@@ -260,7 +290,8 @@ async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, stall: Duration) {
         if state.stream.is_none() {
             return;
         }
-        if state.sent_at.is_some_and(|at| at.elapsed() >= stall) {
+        let waiting = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() >= stall);
+        if waiting(&state.sent_at) || waiting(&mark.get()) {
             tracing::warn!(
                 ?stall,
                 "a client took nothing for --stall-timeout: stream ended"
@@ -275,6 +306,7 @@ async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, stall: Duration) {
 
 struct Guarded {
     shared: Arc<Mutex<Shared>>,
+    mark: Arc<WakeMark>,
     ended: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// `--max-query-time` and the timer that ends the stream then.
     deadline: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
@@ -314,6 +346,7 @@ impl Stream for Guarded {
     type Item = Result<FlightData, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        *self.mark.get() = None;
         let (stalled, done) = {
             let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             state.sent_at = None;
@@ -345,12 +378,17 @@ impl Stream for Guarded {
                  narrow it with a filter, columns or a limit"
             )));
         }
+        let waker = futures::task::waker(Arc::new(MarkingWaker {
+            mark: Arc::clone(&self.mark),
+            inner: cx.waker().clone(),
+        }));
+        let mut marked = Context::from_waker(&waker);
         let item = {
             let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             let Some(stream) = state.stream.as_mut() else {
                 return Poll::Ready(None);
             };
-            match stream.poll_next_unpin(cx) {
+            match stream.poll_next_unpin(&mut marked) {
                 Poll::Ready(Some(Ok(data))) => {
                     state.sent_at = Some(Instant::now());
                     data
