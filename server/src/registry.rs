@@ -13,104 +13,9 @@ use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
 use crate::error::{Error, Result, guard_reader};
 use crate::formats::{self, Request};
 use crate::query::{Planner, unify_schemas};
-
-/// Files being written into managed storage start with this, until they are complete.
-const UPLOAD_PREFIX: &str = ".upload-";
-
-/// Every upload holds this file locked shared until its record is committed; a sweep takes it
-/// exclusively, so it never removes what a running upload (of any process) is about to register.
-/// The kernel drops the lock of a killed process, so a crash never blocks the next sweep.
-const UPLOADS_LOCK: &str = ".uploads.lock";
-
-/// Held shared from an upload's rename to its record's commit, and exclusively while a delete
-/// removes files no record names any more: a delete never unlinks the file that an identical
-/// upload has just renamed into place.
-const COMMITS_LOCK: &str = ".commits.lock";
-
-enum Lock {
-    Shared,
-    Exclusive,
-}
-
-/// A file or folder being written into managed storage, removed if dropped before it is kept.
-struct Upload {
-    path: std::path::PathBuf,
-    extension: &'static str,
-    kept: bool,
-}
-
-impl Upload {
-    fn new(dir: &std::path::Path, extension: &'static str) -> Self {
-        let name = format!("{UPLOAD_PREFIX}{:016x}.{extension}", rand::random::<u64>());
-        Self {
-            path: dir.join(name),
-            extension,
-            kept: false,
-        }
-    }
-
-    fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for Upload {
-    fn drop(&mut self) {
-        if self.kept {
-            return;
-        }
-        let path = std::mem::take(&mut self.path);
-        let remove = move || {
-            if !path.exists() {
-                return;
-            }
-            if let Err(e) = remove_entry(&path) {
-                tracing::warn!(file = %path.display(), error = %e, "cannot remove an unfinished upload");
-            }
-        };
-        // Off the async threads: a folder (an unfinished add_column) takes a while to remove.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(remove)),
-            Err(_) => remove(),
-        }
-    }
-}
-
-/// Removes a file, or a folder with everything in it.
-fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        std::fs::remove_dir_all(path)
-    } else {
-        std::fs::remove_file(path)
-    }
-}
-
-/// Flushes a written file, or a folder and everything in it, to disk.
-fn sync_tree(path: &std::path::Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            sync_tree(&entry?.path())?;
-        }
-        sync_dir(path)
-    } else {
-        std::fs::File::open(path)?.sync_all()
-    }
-}
-
-/// Flushes a folder's entries (a rename or a new file in it) to disk.
-fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
-}
-
-/// Opens (creating) the uploads lock file; locking it is the caller's.
-fn open_lock(path: &std::path::Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path.display(), e))
-}
+use crate::storage::managed::{
+    self, COMMITS_LOCK, Lock, UPLOADS_LOCK, Upload, sync_dir, sync_tree,
+};
 
 /// Writes to the catalog and managed storage.
 #[derive(Clone)]
@@ -243,7 +148,12 @@ impl Registry {
         S: Stream<Item = Result<RecordBatch>> + Unpin,
     {
         check_key(key)?;
-        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        let lease = managed::lock(
+            &self.planner.storage().managed_dir(),
+            UPLOADS_LOCK,
+            Lock::Shared,
+        )
+        .await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "parquet");
         let path = upload.path.clone();
         let written = async {
@@ -289,7 +199,12 @@ impl Registry {
         let key = key.to_string();
         tokio::spawn(async move {
             let _lease = lease;
-            let _commit = this.lock(COMMITS_LOCK, Lock::Shared).await?;
+            let _commit = managed::lock(
+                &this.planner.storage().managed_dir(),
+                COMMITS_LOCK,
+                Lock::Shared,
+            )
+            .await?;
             let storage = this.planner.storage();
             let folder = upload.path.is_dir();
             let url = |path: &std::path::Path| {
@@ -394,7 +309,12 @@ impl Registry {
                 values.len()
             )));
         }
-        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        let lease = managed::lock(
+            &self.planner.storage().managed_dir(),
+            UPLOADS_LOCK,
+            Lock::Shared,
+        )
+        .await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "zarr");
         let (to, frame, column) = (upload.path.clone(), element.to_string(), name.to_string());
         let (this, key, description) = (self.clone(), key.to_string(), record.description.clone());
@@ -412,66 +332,22 @@ impl Registry {
         .map_err(|e| Error::Internal(format!("add_column failed: {e}")))?
     }
 
-    /// Takes one of managed storage's lock files, waiting for it.
-    async fn lock(&self, name: &'static str, how: Lock) -> Result<std::fs::File> {
-        let path = self.planner.storage().managed_dir().join(name);
-        tokio::task::spawn_blocking(move || {
-            let file = open_lock(&path)?;
-            match how {
-                Lock::Shared => file.lock_shared(),
-                Lock::Exclusive => file.lock(),
-            }
-            .map_err(|e| Error::io(path.display(), e))?;
-            Ok(file)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("cannot lock {name}: {e}")))?
-    }
-
     /// Removes what a crashed upload left in managed storage: partial `.upload-*` files, and
     /// complete files whose record was never committed. Skipped (and logged) while another
     /// process is uploading into the same data dir. Returns how many entries were removed.
     pub async fn sweep_uploads(&self) -> usize {
         let catalog = self.planner.catalog().clone();
         let dir = self.planner.storage().managed_dir();
-        let swept = tokio::task::spawn_blocking(move || -> Result<usize> {
-            let lock_path = dir.join(UPLOADS_LOCK);
-            let lock = open_lock(&lock_path)?;
-            match lock.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    tracing::info!("another process is uploading: managed storage not swept");
-                    return Ok(0);
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(lock_path.display(), e)),
-            }
-            let used: std::collections::HashSet<std::ffi::OsString> = catalog
-                .store()
-                .artifact_paths()?
-                .iter()
-                .filter_map(|p| Url::parse(p).ok()?.to_file_path().ok())
-                .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
-                .collect();
-            let mut removed = 0;
-            for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(dir.display(), e))? {
-                let entry = entry.map_err(|e| Error::io(dir.display(), e))?;
-                let name = entry.file_name();
-                let text = name.to_string_lossy();
-                let orphan = text.starts_with(UPLOAD_PREFIX)
-                    || (!text.starts_with('.') && !used.contains(&name));
-                if !orphan {
-                    continue;
-                }
-                let path = entry.path();
-                match remove_entry(&path) {
-                    Ok(()) => {
-                        tracing::info!(file = %path.display(), "removed a crashed upload");
-                        removed += 1;
-                    }
-                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove a crashed upload"),
-                }
-            }
-            Ok(removed)
+        let swept = tokio::task::spawn_blocking(move || {
+            managed::sweep(&dir, || {
+                Ok(catalog
+                    .store()
+                    .artifact_paths()?
+                    .iter()
+                    .filter_map(|p| Url::parse(p).ok()?.to_file_path().ok())
+                    .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+                    .collect())
+            })
         })
         .await
         .map_err(|e| Error::Internal(format!("sweep failed: {e}")))
@@ -501,7 +377,12 @@ impl Registry {
         }
         // No upload is between its rename and its commit while this is held, and what they
         // committed is visible: a path that a record names again stays.
-        let _commits = self.lock(COMMITS_LOCK, Lock::Exclusive).await?;
+        let _commits = managed::lock(
+            &self.planner.storage().managed_dir(),
+            COMMITS_LOCK,
+            Lock::Exclusive,
+        )
+        .await?;
         let used: std::collections::HashSet<String> = self
             .planner
             .catalog()

@@ -4,6 +4,7 @@
 mod aws_profile;
 mod cache;
 mod lease;
+pub(crate) mod managed;
 
 pub use lease::{Lease, Leases};
 
