@@ -6,7 +6,7 @@
 //! a server on their network (uploads are stored as zstd parquet anyway), so compressed batches
 //! from clients are refused, by reading only the message headers.
 
-use arrow::ipc::{MessageHeader, root_as_message};
+use arrow::ipc::{Message, MessageHeader, root_as_message};
 
 use crate::error::{Error, Result};
 
@@ -17,9 +17,13 @@ pub fn check_header(header: &[u8], body_len: usize) -> Result<()> {
     if header.is_empty() {
         return Ok(());
     }
-    let Ok(message) = root_as_message(header) else {
-        return Ok(());
-    };
+    match root_as_message(header) {
+        Ok(message) => check_message(message, body_len),
+        Err(_) => Ok(()),
+    }
+}
+
+fn check_message(message: Message<'_>, body_len: usize) -> Result<()> {
     let batch = match message.header_type() {
         MessageHeader::RecordBatch => message.header_as_record_batch(),
         MessageHeader::DictionaryBatch => {
@@ -74,11 +78,9 @@ pub fn check_stream(bytes: &[u8]) -> Result<()> {
         }
         let end = at.checked_add(length as usize).ok_or_else(malformed)?;
         let header = bytes.get(at..end).ok_or_else(malformed)?;
-        let body = root_as_message(header)
-            .map_err(|_| malformed())?
-            .bodyLength();
-        let body = usize::try_from(body).map_err(|_| malformed())?;
-        check_header(header, body)?;
+        let message = root_as_message(header).map_err(|_| malformed())?;
+        let body = usize::try_from(message.bodyLength()).map_err(|_| malformed())?;
+        check_message(message, body)?;
         // The reader allocates a message's declared body before reading it: a body that claims
         // more than the stream holds is refused here.
         at = end.checked_add(body).ok_or_else(malformed)?;

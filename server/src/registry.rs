@@ -148,12 +148,7 @@ impl Registry {
         S: Stream<Item = Result<RecordBatch>> + Unpin,
     {
         check_key(key)?;
-        let lease = managed::lock(
-            &self.planner.storage().managed_dir(),
-            UPLOADS_LOCK,
-            Lock::Shared,
-        )
-        .await?;
+        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "parquet");
         let path = upload.path.clone();
         let written = async {
@@ -199,12 +194,7 @@ impl Registry {
         let key = key.to_string();
         tokio::spawn(async move {
             let _lease = lease;
-            let _commit = managed::lock(
-                &this.planner.storage().managed_dir(),
-                COMMITS_LOCK,
-                Lock::Shared,
-            )
-            .await?;
+            let _commit = this.lock(COMMITS_LOCK, Lock::Shared).await?;
             let storage = this.planner.storage();
             let folder = upload.path.is_dir();
             let url = |path: &std::path::Path| {
@@ -309,12 +299,7 @@ impl Registry {
                 values.len()
             )));
         }
-        let lease = managed::lock(
-            &self.planner.storage().managed_dir(),
-            UPLOADS_LOCK,
-            Lock::Shared,
-        )
-        .await?;
+        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "zarr");
         let (to, frame, column) = (upload.path.clone(), element.to_string(), name.to_string());
         let (this, key, description) = (self.clone(), key.to_string(), record.description.clone());
@@ -330,6 +315,11 @@ impl Registry {
         })
         .await
         .map_err(|e| Error::Internal(format!("add_column failed: {e}")))?
+    }
+
+    /// Takes one of managed storage's lock files, waiting for it.
+    async fn lock(&self, name: &'static str, how: Lock) -> Result<std::fs::File> {
+        managed::lock(&self.planner.storage().managed_dir(), name, how).await
     }
 
     /// Removes what a crashed upload left in managed storage: partial `.upload-*` files, and
@@ -377,12 +367,7 @@ impl Registry {
         }
         // No upload is between its rename and its commit while this is held, and what they
         // committed is visible: a path that a record names again stays.
-        let _commits = managed::lock(
-            &self.planner.storage().managed_dir(),
-            COMMITS_LOCK,
-            Lock::Exclusive,
-        )
-        .await?;
+        let _commits = self.lock(COMMITS_LOCK, Lock::Exclusive).await?;
         let used: std::collections::HashSet<String> = self
             .planner
             .catalog()

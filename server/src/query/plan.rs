@@ -61,6 +61,14 @@ impl LeaseBag {
     }
 }
 
+/// The runtime every planner starts from. No listing cache: a folder's files may change between
+/// two requests, and a stale list names files that are gone. Footer and statistics caches stay:
+/// they check size and modification time.
+fn runtime_builder() -> RuntimeEnvBuilder {
+    let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
+    RuntimeEnvBuilder::new().with_cache_manager(caches)
+}
+
 /// Plans commands against the catalog and storage.
 #[derive(Clone)]
 pub struct Planner {
@@ -189,12 +197,7 @@ impl Planned {
 
 impl Planner {
     pub fn new(catalog: Catalog, storage: Arc<Storage>, config: SessionConfig) -> Self {
-        // No listing cache: a folder's files may change between two requests, and a stale list
-        // names files that are gone. Footer and statistics caches stay: they check size and
-        // modification time.
-        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
-        let runtime = RuntimeEnvBuilder::new()
-            .with_cache_manager(caches)
+        let runtime = runtime_builder()
             .build_arc()
             .unwrap_or_else(|_| Arc::new(RuntimeEnv::default()));
         Self {
@@ -216,11 +219,9 @@ impl Planner {
         use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
         use datafusion::execution::memory_pool::FairSpillPool;
         std::fs::create_dir_all(&spill_dir).map_err(|e| Error::io(spill_dir.display(), e))?;
-        let caches = CacheManagerConfig::default().with_list_files_cache_limit(0);
         let disk =
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Directories(vec![spill_dir]));
-        self.runtime = RuntimeEnvBuilder::new()
-            .with_cache_manager(caches)
+        self.runtime = runtime_builder()
             .with_memory_pool(Arc::new(FairSpillPool::new(bytes.max(1 << 20))))
             .with_disk_manager_builder(disk)
             .build_arc()

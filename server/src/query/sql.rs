@@ -131,7 +131,8 @@ impl Statement {
             // One row of parameters: anything larger is not a parameter set.
             if message.parameters.len() > MAX_PARAMETER_BYTES {
                 return Err(Error::invalid(format!(
-                    "the statement's parameters take {} bytes; at most {MAX_PARAMETER_BYTES} are                      accepted",
+                    "the statement's parameters take {} bytes; at most {MAX_PARAMETER_BYTES} are \
+                     accepted",
                     message.parameters.len()
                 )));
             }

@@ -213,7 +213,6 @@ impl Governor {
         let shared = Arc::new(Mutex::new(Shared {
             stream: Some(stream),
             permit,
-            sent_at: None,
             stalled: false,
         }));
         let mark = Arc::new(WakeMark::default());
@@ -246,14 +245,13 @@ struct Shared {
     /// `None` once ended: the scan is dropped at once.
     stream: Option<FlightStream<FlightData>>,
     permit: Option<OwnedSemaphorePermit>,
-    /// When the last message was handed to the client, if it has not asked for more since.
-    sent_at: Option<Instant>,
     stalled: bool,
 }
 
-/// When the scan last had a message ready that nobody came to take. The scan's wake-ups go
-/// through [`MarkingWaker`], so a client that stops reading while the scan is still producing is
-/// seen too (the server is then never polled again, and `sent_at` was already cleared).
+/// Since when a message has been waiting for a client that has not asked for it: one handed
+/// over, or one the scan woke up with. A client that stops reading stops asking (HTTP/2 flow
+/// control), so nothing polls the stream again; the scan's wake-ups go through
+/// [`MarkingWaker`] so that a message it finishes meanwhile counts too. Cleared by every poll.
 #[derive(Default)]
 struct WakeMark(Mutex<Option<Instant>>);
 
@@ -290,8 +288,7 @@ async fn watch_stall(shared: std::sync::Weak<Mutex<Shared>>, mark: Arc<WakeMark>
         if state.stream.is_none() {
             return;
         }
-        let waiting = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() >= stall);
-        if waiting(&state.sent_at) || waiting(&mark.get()) {
+        if mark.get().is_some_and(|at| at.elapsed() >= stall) {
             tracing::warn!(
                 ?stall,
                 "a client took nothing for --stall-timeout: stream ended"
@@ -349,14 +346,9 @@ impl Stream for Guarded {
         *self.mark.get() = None;
         let (stalled, done) = {
             let mut state = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-            state.sent_at = None;
-            (state.stalled, state.stream.is_none())
+            (std::mem::take(&mut state.stalled), state.stream.is_none())
         };
         if stalled {
-            self.shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .stalled = false;
             return Poll::Ready(Some(Err(Status::deadline_exceeded(
                 "this stream was ended: its client took nothing for the server's --stall-timeout",
             ))));
@@ -390,7 +382,7 @@ impl Stream for Guarded {
             };
             match stream.poll_next_unpin(&mut marked) {
                 Poll::Ready(Some(Ok(data))) => {
-                    state.sent_at = Some(Instant::now());
+                    *self.mark.get() = Some(Instant::now());
                     data
                 }
                 Poll::Ready(None) => {

@@ -94,12 +94,7 @@ impl Drop for Lease {
 
 fn remove(files: Vec<PathBuf>) {
     for file in files {
-        let removed = if file.is_dir() {
-            std::fs::remove_dir_all(&file)
-        } else {
-            std::fs::remove_file(&file)
-        };
-        match removed {
+        match super::managed::remove_entry(&file) {
             Ok(()) => tracing::info!(file = %file.display(), "removed a deleted artifact's files"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {

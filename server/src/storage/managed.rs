@@ -68,7 +68,7 @@ impl Drop for Upload {
 }
 
 /// Removes a file, or a folder with everything in it.
-fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
     if path.is_dir() {
         std::fs::remove_dir_all(path)
     } else {

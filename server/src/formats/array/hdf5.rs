@@ -46,7 +46,8 @@ fn check_links(group: &hdf5::Group, path: &str, location: &str, depth: usize) ->
         let child = super::join(path, &name);
         let outside = |what: &str| {
             Error::PermissionDenied(format!(
-                "'{child}' in {location} {what}, which this server does not follow: files outside                  the allowed storage roots are never read"
+                "'{child}' in {location} {what}, which this server does not follow: files outside \
+                 the allowed storage roots are never read"
             ))
         };
         match kind {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, UInt64Array, new_empty_array};
 use arrow::compute::take;
 
-use super::{MatrixSource, Storage, ascending, coalesce, concat_or_empty, dedup_sorted, densify};
+use super::{MatrixSource, Storage, ascending, coalesce, concat_or_empty, densify};
 use crate::error::Result;
 use crate::formats::array::ArrayInfo;
 
@@ -31,11 +31,10 @@ impl MatrixSource {
         }
         let item = self.dtype.width().max(1);
         let col_chunk = info.chunks.as_ref().and_then(|c| c.get(1).copied());
-        let (col_runs, col_place) = match &self.targets {
+        let (col_runs, col_place) = match &self.stored_cols {
             None => (std::iter::once(0..width).collect::<Vec<_>>(), None),
-            Some(targets) => {
-                let stored: Vec<u64> = dedup_sorted(targets.iter().map(|t| t.0));
-                let runs: Vec<Range<u64>> = coalesce(&stored, |a, b| match col_chunk {
+            Some(stored) => {
+                let runs: Vec<Range<u64>> = coalesce(stored, |a, b| match col_chunk {
                     Some(c) => a / c.max(1) == b / c.max(1),
                     None => (b - a).saturating_mul(item) <= 64 << 10,
                 })

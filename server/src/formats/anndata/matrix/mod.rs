@@ -240,6 +240,8 @@ pub(crate) struct MatrixSource {
     /// The selected stored columns, ascending, each with the output position it fills (a column
     /// named twice in `var_names` fills two); `None` for every column as stored.
     targets: Option<Vec<(u64, u32)>>,
+    /// The stored columns `targets` names, each once, ascending: what reads fetch.
+    stored_cols: Option<Vec<u64>>,
 }
 
 /// Rows of a sparse matrix: `offsets` per row, column positions within the selection, values.
@@ -303,6 +305,11 @@ impl MatrixSource {
                 Some(targets)
             }
         };
+        let stored_cols = targets.as_ref().map(|targets| {
+            let mut stored: Vec<u64> = targets.iter().map(|t| t.0).collect();
+            stored.dedup();
+            stored
+        });
         let n_cols = cols.as_ref().map(|c| c.len() as u64).unwrap_or(shape[1]);
         let value = dtype.arrow();
         let mut fields: Vec<Field> = index
@@ -444,6 +451,7 @@ impl MatrixSource {
             schema,
             names,
             targets,
+            stored_cols,
         })
     }
 

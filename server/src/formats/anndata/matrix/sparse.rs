@@ -10,7 +10,7 @@ use arrow::array::{
 use arrow::compute::{cast, concat, filter, take};
 use arrow::datatypes::{DataType, Int64Type};
 
-use super::{MatrixSource, Sparse, SparseBlock, Storage, ascending, concat_or_empty, dedup_sorted};
+use super::{MatrixSource, Sparse, SparseBlock, Storage, ascending, concat_or_empty};
 use crate::error::Result;
 
 impl MatrixSource {
@@ -156,10 +156,13 @@ impl MatrixSource {
                 data: new_empty_array(&self.dtype.arrow()),
             });
         };
-        let n_major = sparse.indptr.len().saturating_sub(1) as u64;
-        let stored: Vec<u64> = match &self.targets {
-            Some(targets) => dedup_sorted(targets.iter().map(|t| t.0)),
-            None => (0..n_major).collect(),
+        let every: Vec<u64>;
+        let stored: &[u64] = match &self.stored_cols {
+            Some(stored) => stored,
+            None => {
+                every = (0..sparse.indptr.len().saturating_sub(1) as u64).collect();
+                &every
+            }
         };
         // (row in the block, output column, position among the kept entries).
         let mut triplets: Vec<(u32, u32, u64)> = Vec::new();
