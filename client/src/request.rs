@@ -3,7 +3,7 @@
 use arrow_flight::FlightDescriptor;
 use serde_json::{Map, Value, json};
 
-/// A JSON command descriptor, built field by field (SPEC section 3).
+/// A JSON command descriptor, built field by field (docs/PROTOCOL.md section 3).
 ///
 /// ```
 /// use artiflight_client::Request;

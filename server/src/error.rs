@@ -69,10 +69,18 @@ pub enum Error {
     #[error("{0}")]
     Query(DataFusionError),
 
-    /// A bug or an unexpected state of the server itself.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// A bug or an unexpected state of the server itself. `source` is the failure underneath, if
+    /// any: the service edge puts the whole chain in the status and the log.
+    #[error("internal error: {context}")]
+    Internal {
+        context: String,
+        #[source]
+        source: Option<BoxError>,
+    },
 }
+
+/// Any error, as a cause kept under [`Error::Internal`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Error {
     pub(crate) fn not_found(what: impl Into<String>) -> Self {
@@ -81,6 +89,35 @@ impl Error {
 
     pub(crate) fn invalid(what: impl Into<String>) -> Self {
         Self::InvalidArgument(what.into())
+    }
+
+    pub(crate) fn internal(context: impl Into<String>) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// An internal error that keeps its cause.
+    pub(crate) fn internal_from(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The message with every cause underneath it that adds something, joined by `: `.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(error) = cause {
+            let more = error.to_string();
+            if !text.contains(&more) {
+                text = format!("{text}: {more}");
+            }
+            cause = error.source();
+        }
+        text
     }
 
     pub(crate) fn io(path: impl std::fmt::Display, source: std::io::Error) -> Self {

@@ -11,7 +11,7 @@ use url::Url;
 
 use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
 use crate::error::{Error, Result, guard_reader};
-use crate::formats::{self, Request};
+use crate::formats::{self, ReadRequest};
 use crate::query::{Planner, unify_schemas};
 use crate::storage::managed::{
     self, COMMITS_LOCK, Lock, UPLOADS_LOCK, Upload, sync_dir, sync_tree,
@@ -123,7 +123,7 @@ impl Registry {
             };
             let table = self
                 .planner
-                .open(&ctx, &record, &Request::default())
+                .open(&ctx, &record, &ReadRequest::default())
                 .await?
                 .table;
             schemas.push((member.clone(), table.schema()));
@@ -169,7 +169,7 @@ impl Registry {
             writer
                 .close()
                 .await
-                .map_err(|e| Error::Internal(format!("cannot finish upload: {e}")))?;
+                .map_err(|e| Error::internal_from("cannot finish upload", e))?;
             Ok::<_, Error>(())
         }
         .await;
@@ -203,14 +203,14 @@ impl Registry {
                 } else {
                     Url::from_file_path(path)
                 }
-                .map_err(|_| Error::Internal(format!("bad managed path {}", path.display())))
+                .map_err(|_| Error::internal(format!("bad managed path {}", path.display())))
             };
             // What a success answer promises survives a power loss: the data is on disk before
             // the rename, and the rename before the record.
             let written = upload.path.clone();
             tokio::task::spawn_blocking(move || sync_tree(&written))
                 .await
-                .map_err(|e| Error::Internal(format!("sync failed: {e}")))?
+                .map_err(|e| Error::internal_from("sync failed", e))?
                 .map_err(|e| Error::io(upload.path.display(), e))?;
             let hash = storage
                 .hash(&storage.locate(&url(&upload.path)?).await?)
@@ -228,14 +228,14 @@ impl Registry {
                 let managed = storage.managed_dir();
                 tokio::task::spawn_blocking(move || sync_dir(&managed))
                     .await
-                    .map_err(|e| Error::Internal(format!("sync failed: {e}")))?
+                    .map_err(|e| Error::internal_from("sync failed", e))?
                     .map_err(|e| Error::io(target.display(), e))?;
             }
             this.register_url(url(&target)?, &key, description, true, true)
                 .await
         })
         .await
-        .map_err(|e| Error::Internal(format!("upload commit failed: {e}")))?
+        .map_err(|e| Error::internal_from("upload commit failed", e))?
     }
 
     /// Writes a new version of the zarr AnnData `key` with one more column in `element` (`obs` or
@@ -310,11 +310,11 @@ impl Registry {
                 formats::add_column(&source, &to, &frame, &column, &values)
             })
             .await
-            .map_err(|e| Error::Internal(format!("add_column failed: {e}")))??;
+            .map_err(|e| Error::internal_from("add_column failed", e))??;
             this.commit(upload, lease, &key, description).await
         })
         .await
-        .map_err(|e| Error::Internal(format!("add_column failed: {e}")))?
+        .map_err(|e| Error::internal_from("add_column failed", e))?
     }
 
     /// Takes one of managed storage's lock files, waiting for it.
@@ -340,7 +340,7 @@ impl Registry {
             })
         })
         .await
-        .map_err(|e| Error::Internal(format!("sweep failed: {e}")))
+        .map_err(|e| Error::internal_from("sweep failed", e))
         .and_then(|swept| swept);
         swept.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "managed storage not swept");
@@ -386,7 +386,7 @@ impl Registry {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || leases.remove_when_unread(&path, file))
                     .await
-                    .map_err(|e| Error::Internal(format!("removing deleted files failed: {e}")))?;
+                    .map_err(|e| Error::internal_from("removing deleted files failed", e))?;
             }
         }
         Ok(deleted.entries)

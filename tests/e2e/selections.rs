@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, FixedSizeListArray, RecordBatch};
 use arrow::datatypes::{Float32Type, Int64Type};
-use artiflight_server::query::{Command, Statement};
+use artiflight_server::query::{Command, SqlPlanner, Statement};
 use artiflight_server::registry::Registry;
 use datafusion::physical_plan::display::DisplayableExecutionPlan;
 use datafusion::physical_plan::{ExecutionPlan, collect};
@@ -24,9 +24,8 @@ async fn sql(
     registry: &Registry,
     query: &str,
 ) -> Result<(Vec<RecordBatch>, Arc<dyn ExecutionPlan>), Box<dyn std::error::Error + Send + Sync>> {
-    let planned = registry
-        .planner()
-        .sql_plan(&Statement::new(query))
+    let planned = SqlPlanner::new(registry.planner().clone())
+        .plan(&Statement::new(query))
         .await?
         .planned;
     let plan: Arc<dyn ExecutionPlan> = planned.plan.clone();

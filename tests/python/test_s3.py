@@ -214,8 +214,11 @@ def test_parquet_pushdown_holds_remotely(s3, remote_server, tmp_path):
     fetched = sum(r["bytes"] for r in gets)
     c3 = sum(meta.row_group(g).column(4).total_compressed_size for g in range(meta.num_row_groups))
     print(f"1 of 10 columns: {len(gets)} ranged GETs, {fetched} bytes of {size} (that column: {c3})")
-    # That column's chunks, and the footer; the other nine columns stay in storage.
-    assert c3 <= fetched < c3 + 2 * 1024 * 1024, (fetched, c3, size)
+    # That column's chunks, and the footer; the other nine columns stay in storage. Row group 10's
+    # chunk may come from the range cache: the filtered read above fetched it, and the cache
+    # keeps it once its background write lands.
+    cached = meta.row_group(10).column(4).total_compressed_size
+    assert c3 - cached <= fetched < c3 + 2 * 1024 * 1024, (fetched, c3, size)
     assert fetched < size / 5
     client.close()
 

@@ -251,7 +251,7 @@ impl Catalog {
         let store = Arc::clone(&self.0);
         tokio::task::spawn_blocking(move || call(store.as_ref()))
             .await
-            .map_err(|e| Error::Internal(format!("catalog task failed: {e}")))?
+            .map_err(|e| Error::internal_from("catalog task failed", e))?
     }
 
     /// The store itself, for synchronous callers such as the command line.

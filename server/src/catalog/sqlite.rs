@@ -136,7 +136,7 @@ impl SqliteCatalog {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
-            .map_err(|_| Error::Internal("catalog connection poisoned".into()))
+            .map_err(|_| Error::internal("catalog connection poisoned"))
     }
 }
 
@@ -144,7 +144,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let applied: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if applied > MIGRATIONS.len() {
-        return Err(Error::Internal(format!(
+        return Err(Error::internal(format!(
             "catalog schema version {applied} is newer than this build knows ({})",
             MIGRATIONS.len()
         )));
@@ -358,7 +358,7 @@ impl CatalogStore for SqliteCatalog {
             )?;
             let record = artifact_where(tx, "uid = ?1", [&uid])?
                 .pop()
-                .ok_or_else(|| Error::Internal(format!("artifact {uid} vanished after insert")))?;
+                .ok_or_else(|| Error::internal(format!("artifact {uid} vanished after insert")))?;
             Ok((record, true))
         })
     }
@@ -405,7 +405,7 @@ impl CatalogStore for SqliteCatalog {
             }
             let record = collection_where(tx, "uid = ?1", [&uid])?
                 .pop()
-                .ok_or_else(|| Error::Internal(format!("collection {uid} vanished after insert")))?;
+                .ok_or_else(|| Error::internal(format!("collection {uid} vanished after insert")))?;
             Ok((record, true))
         })
     }
@@ -787,8 +787,7 @@ mod tests {
             })
             .collect();
         for h in handles {
-            h.join()
-                .map_err(|_| Error::Internal("writer panicked".into()))??;
+            h.join().map_err(|_| Error::internal("writer panicked"))??;
         }
         let catalog = SqliteCatalog::open(&path)?;
         let total: usize = (0..5)

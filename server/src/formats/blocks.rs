@@ -78,7 +78,7 @@ impl BlockExec {
         let schema = match &projection {
             Some(p) => Arc::new(
                 full.project(p)
-                    .map_err(|e| Error::Internal(e.to_string()))?,
+                    .map_err(|e| Error::internal_from("projecting a block table", e))?,
             ),
             None => full,
         };

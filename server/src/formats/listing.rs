@@ -18,7 +18,7 @@ use datafusion::datasource::listing::{
 use datafusion::logical_expr::{Expr, cast, lit, when};
 use datafusion::prelude::SessionContext;
 
-use super::{Format, Opened, Request};
+use super::{Format, Opened, ReadRequest};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 
@@ -42,7 +42,7 @@ impl Format for Listing {
         &self,
         ctx: &SessionContext,
         located: &Located,
-        request: &Request,
+        request: &ReadRequest,
     ) -> Result<Opened> {
         if let Some(option) = request.matrix_option() {
             return Err(Error::invalid(format!(

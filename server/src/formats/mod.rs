@@ -2,10 +2,10 @@
 //! planning, pushdown and streaming above it are shared. Adding a format is adding a module and
 //! one line in [`FORMATS`].
 
-mod anndata;
 mod array;
 mod blocks;
 mod listing;
+mod tree;
 
 use std::sync::Arc;
 
@@ -16,12 +16,12 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::{Error, Result};
 use crate::storage::Located;
-pub use anndata::AnnData;
-pub(crate) use anndata::{add_column, json_values};
 pub use array::ReadMetrics;
 pub use listing::Listing;
+pub use tree::ArrayTree;
+pub(crate) use tree::{add_column, json_values};
 
-/// How a matrix element is laid out on the wire (SPEC section 5).
+/// How a matrix element is laid out on the wire (docs/PROTOCOL.md section 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
@@ -38,7 +38,7 @@ pub enum Layout {
 /// Formats whose elements are plain tables leave `filter` and `columns` to the planner; AnnData
 /// applies them itself, because a filter on `obs` selects the rows of `X`.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Request {
+pub struct ReadRequest {
     pub element: Vec<String>,
     pub filter: Option<String>,
     pub columns: Option<Vec<String>>,
@@ -48,7 +48,7 @@ pub struct Request {
     pub layout: Option<Layout>,
 }
 
-impl Request {
+impl ReadRequest {
     /// Just an element, no selection.
     pub fn element(element: &[String]) -> Self {
         Self {
@@ -104,7 +104,7 @@ pub trait Format: Send + Sync {
         &self,
         ctx: &SessionContext,
         located: &Located,
-        request: &Request,
+        request: &ReadRequest,
     ) -> Result<Opened>;
 
     /// The artifact's structure for `describe` and flight metadata (AnnData's shape and elements,
@@ -118,10 +118,33 @@ pub trait Format: Send + Sync {
         Ok(None)
     }
 
+    /// Whether artifacts of this format have a structure (elements, shapes) for [`describe`]:
+    /// callers that only want a structure skip the others without opening them.
+    ///
+    /// [`describe`]: Format::describe
+    fn has_structure(&self) -> bool {
+        false
+    }
+
+    /// The SQL tables an artifact shows, as element paths: `[[]]`, the default, is the artifact
+    /// as one table. `otype` is the object type registration recorded.
+    fn sql_tables(&self, _otype: Option<&str>) -> Vec<Vec<String>> {
+        vec![Vec::new()]
+    }
+
+    /// How SQL reads `element` of artifact `key`: the request to open, `None` if the path names no
+    /// table, or an error that says which paths do.
+    fn sql_request(&self, _key: &str, element: &[String]) -> Result<Option<ReadRequest>> {
+        Ok(element.is_empty().then(ReadRequest::default))
+    }
+
     /// What registration records: the object type and the number of observations, where known
     /// without a full scan.
     async fn inspect(&self, ctx: &SessionContext, located: &Located) -> Result<Inspection> {
-        let table = self.open(ctx, located, &Request::default()).await?.table;
+        let table = self
+            .open(ctx, located, &ReadRequest::default())
+            .await?
+            .table;
         let plan = table
             .scan(&ctx.state(), None, &[], None)
             .await
@@ -139,7 +162,17 @@ pub trait Format: Send + Sync {
 }
 
 /// Every format this build reads.
-pub static FORMATS: &[&dyn Format] = &[&Listing, &AnnData];
+pub static FORMATS: &[&dyn Format] = &[&Listing, &ArrayTree];
+
+/// The format of an artifact recorded with `suffix`, for decisions made from the catalog alone
+/// (SQL tables, structure). A folder of shards (`""`) reads as a listing.
+pub fn format_of(suffix: &str) -> &'static dyn Format {
+    FORMATS
+        .iter()
+        .copied()
+        .find(|f| f.claims(suffix))
+        .unwrap_or(&Listing)
+}
 
 /// The suffix recorded for an artifact: the file's extension, `.zarr` for a zarr store, or `""` for
 /// a plain folder of shards.

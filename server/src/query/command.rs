@@ -1,4 +1,4 @@
-//! The JSON command a client sends in a Flight descriptor (SPEC section 3).
+//! The JSON command a client sends in a Flight descriptor (docs/PROTOCOL.md section 3).
 
 use serde::{Deserialize, Serialize};
 
@@ -99,8 +99,8 @@ impl Command {
     }
 
     /// The part of the command that formats see: the element and its selection.
-    pub fn request(&self) -> crate::formats::Request {
-        crate::formats::Request {
+    pub fn request(&self) -> crate::formats::ReadRequest {
+        crate::formats::ReadRequest {
             element: self.element.clone(),
             filter: self.filter.clone(),
             columns: self.columns.clone(),

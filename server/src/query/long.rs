@@ -1,5 +1,5 @@
 //! SQL's `KEY/X`: a matrix in the long form (`obs_name`, `var_name`, `value`), with the name
-//! predicates of a query pushed into the matrix read (SPEC section 7: "with the same pushdown").
+//! predicates of a query pushed into the matrix read (docs/PROTOCOL.md section 7: "with the same pushdown").
 //!
 //! `var_name = 'CD3E'` or `var_name IN (...)` becomes a variable selection, `obs_name = ...` or
 //! `obs_name IN (...)` a row selection, so only the chunks (or CSR ranges) of the named cells and
@@ -22,14 +22,14 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use super::Planner;
 use crate::catalog::ArtifactRecord;
-use crate::formats::Request;
+use crate::formats::ReadRequest;
 
 /// The long form of one matrix element of one artifact.
 pub(crate) struct LongTable {
     planner: Planner,
     source: ArtifactRecord,
     /// The element, with the long layout and no selection.
-    request: Request,
+    request: ReadRequest,
     schema: SchemaRef,
 }
 
@@ -37,7 +37,7 @@ impl LongTable {
     pub(crate) fn new(
         planner: Planner,
         source: ArtifactRecord,
-        request: Request,
+        request: ReadRequest,
         schema: SchemaRef,
     ) -> Self {
         Self {

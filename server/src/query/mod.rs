@@ -11,5 +11,5 @@ mod ticket;
 
 pub use command::{Command, Layout};
 pub use plan::{Planned, Planner, Resolved, session_config, statistics, unify_schemas};
-pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlTable, Statement, TABLE_TYPE};
+pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlPlanner, SqlTable, Statement, TABLE_TYPE};
 pub use ticket::TicketSpec;

@@ -25,7 +25,7 @@ use crate::catalog::{ArtifactRecord, Catalog, Entry};
 pub use crate::dataframe::statistics;
 use crate::dataframe::{apply_filter, select_columns};
 use crate::error::{Error, Result, guard_reader, panic_message};
-use crate::formats::{self, Opened, Request};
+use crate::formats::{self, Opened, ReadRequest};
 use crate::storage::{Lease, Storage};
 
 /// The DataFusion settings every plan runs with.
@@ -358,10 +358,10 @@ impl Planner {
         &self,
         ctx: &SessionContext,
         record: &ArtifactRecord,
-        request: &Request,
+        request: &ReadRequest,
     ) -> Result<Opened> {
         let url = Url::parse(&record.path).map_err(|e| {
-            Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
+            Error::internal(format!("record {} has an invalid path: {e}", record.uid))
         })?;
         if !record.trusted {
             self.storage.check_allowed(&url)?;
@@ -390,7 +390,7 @@ impl Planner {
         values: bool,
     ) -> Result<Option<serde_json::Value>> {
         let url = Url::parse(&record.path).map_err(|e| {
-            Error::Internal(format!("record {} has an invalid path: {e}", record.uid))
+            Error::internal(format!("record {} has an invalid path: {e}", record.uid))
         })?;
         if !record.trusted {
             self.storage.check_allowed(&url)?;
@@ -406,7 +406,7 @@ impl Planner {
         &self,
         ctx: &SessionContext,
         sources: &[ArtifactRecord],
-        request: &Request,
+        request: &ReadRequest,
     ) -> Result<Opened> {
         let mut tables = Vec::with_capacity(sources.len());
         let mut selected = true;

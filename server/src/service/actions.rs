@@ -1,4 +1,4 @@
-//! DoAction bodies (SPEC section 8): JSON in, the record (or list of records) as JSON out.
+//! DoAction bodies (docs/PROTOCOL.md section 8): JSON in, the record (or list of records) as JSON out.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -101,14 +101,32 @@ fn parse<'a, T: Deserialize<'a>>(action: &str, body: &'a [u8]) -> Result<T> {
         .map_err(|e| Error::invalid(format!("invalid body for action '{action}': {e}")))
 }
 
-/// Runs one action. Whether the caller may write is checked by the service before this.
-pub(crate) async fn run(registry: &Registry, action: &str, body: &[u8]) -> Result<Value> {
+/// Who runs an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A Flight client: registering is confined to the allowed roots.
+    Client,
+    /// The operator's own command line, on the server's data dir: it may register any path.
+    Operator,
+}
+
+/// Runs one action and returns its JSON answer. Whether a client may write is checked by the
+/// service before this; the command line runs the same function without a server (`Caller::Operator`).
+///
+/// ```no_run
+/// # async fn f(server: &artiflight_server::Server) -> artiflight_server::error::Result<()> {
+/// use artiflight_server::service::{Caller, run_action};
+/// let record = run_action(server.registry(), "describe", br#"{"key": "pbmc68k"}"#, Caller::Operator).await?;
+/// println!("{}", record["uid"]);
+/// # Ok(()) }
+/// ```
+pub async fn run(registry: &Registry, action: &str, body: &[u8], caller: Caller) -> Result<Value> {
     let catalog = registry.planner().catalog();
     match action {
         "register" => {
             let r: Register = parse(action, body)?;
             let (record, _) = registry
-                .register(&r.path, &r.key, r.description, false)
+                .register(&r.path, &r.key, r.description, caller == Caller::Operator)
                 .await?;
             Ok(Entry::Artifact(record).to_json())
         }

@@ -130,3 +130,81 @@ impl Stream for Cancellable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_flight::FlightData;
+    use bytes::Bytes;
+    use futures::{StreamExt, stream};
+    use tonic::Code;
+
+    use super::Cancels;
+    use crate::service::stream::FlightStream;
+
+    /// A scan that never ends on its own.
+    fn endless() -> FlightStream<FlightData> {
+        Box::pin(stream::pending())
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_the_running_stream_and_refuses_its_ticket() {
+        let cancels = Arc::new(Cancels::default());
+        let ticket = Bytes::from_static(b"t1");
+        let mut running = cancels
+            .track(ticket.clone(), endless())
+            .expect("not cancelled yet");
+        let other = cancels
+            .track(Bytes::from_static(b"t2"), endless())
+            .expect("not cancelled");
+        assert_eq!(cancels.cancel([ticket.clone()]), 1);
+        let ended = running
+            .next()
+            .await
+            .expect("an item")
+            .expect_err("cancelled");
+        assert_eq!(ended.code(), Code::Cancelled);
+        assert!(running.next().await.is_none());
+        // A DoGet of the cancelled ticket that arrives later is refused; others are untouched.
+        let refused = cancels.track(ticket, endless()).err().expect("refused");
+        assert_eq!(refused.code(), Code::Cancelled);
+        drop(other);
+        assert_eq!(
+            cancels.cancel([Bytes::from_static(b"t2")]),
+            0,
+            "it had ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_stream_leaves_nothing_behind() {
+        let cancels = Arc::new(Cancels::default());
+        let done: FlightStream<FlightData> = Box::pin(stream::iter([Ok(FlightData::default())]));
+        let mut tracked = cancels
+            .track(Bytes::from_static(b"t"), done)
+            .expect("tracked");
+        assert!(tracked.next().await.is_some());
+        assert!(tracked.next().await.is_none());
+        drop(tracked);
+        assert!(cancels.lock().running.is_empty());
+    }
+
+    #[test]
+    fn cancelled_tickets_are_remembered_up_to_the_bound() {
+        let cancels = Cancels::default();
+        let n = super::REMEMBERED + 5;
+        for i in 0..n {
+            cancels.cancel([Bytes::from(format!("t{i}"))]);
+        }
+        let inner = cancels.lock();
+        assert_eq!(inner.cancelled.len(), super::REMEMBERED);
+        assert_eq!(inner.cancelled_set.len(), super::REMEMBERED);
+        assert!(!inner.cancelled_set.contains(&Bytes::from_static(b"t0")));
+        assert!(
+            inner
+                .cancelled_set
+                .contains(&Bytes::from(format!("t{}", n - 1)))
+        );
+    }
+}

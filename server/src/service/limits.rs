@@ -18,7 +18,7 @@ use tonic::Status;
 use super::stream::FlightStream;
 use crate::error::{Error, Result};
 
-/// The server's limits (SPEC section 9). `None` means unlimited.
+/// The server's limits (docs/PROTOCOL.md section 9). `None` means unlimited.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Concurrent DoGet streams; further DoGets wait up to `queue_timeout`.
@@ -412,5 +412,134 @@ impl Stream for Guarded {
             )));
         }
         Poll::Ready(Some(Ok(item)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use arrow::array::{Int32Array, RecordBatch};
+    use arrow_flight::FlightData;
+    use futures::{StreamExt, TryStreamExt, stream};
+    use tonic::Code;
+
+    use super::{Governor, Limits, parse_duration};
+    use crate::error::Error;
+    use crate::service::stream::{FlightStream, batches_to_flight};
+
+    fn limits() -> Limits {
+        Limits {
+            max_streams: None,
+            queue_timeout: Duration::from_millis(50),
+            stall_timeout: None,
+            ..Limits::default()
+        }
+    }
+
+    /// A schema message, then `batches` batches of `rows` rows each.
+    fn messages(batches: usize, rows: i32) -> FlightStream<FlightData> {
+        let batch = RecordBatch::try_from_iter([(
+            "x",
+            Arc::new(Int32Array::from_iter_values(0..rows)) as _,
+        )])
+        .expect("a batch");
+        let schema = batch.schema();
+        batches_to_flight(
+            schema,
+            stream::iter(std::iter::repeat_n(batch, batches).map(Ok)).boxed(),
+        )
+    }
+
+    #[test]
+    fn durations_read_as_operators_write_them() {
+        assert_eq!(parse_duration("90").ok(), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration(" 2m ").ok(), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_duration("1.5s").ok(),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_duration("1h").ok(), Some(Duration::from_secs(3600)));
+        for bad in ["", "s", "5 days", "-1s", "1e400s"] {
+            assert!(
+                matches!(parse_duration(bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_server_queues_then_refuses() {
+        let governor = Governor::new(Limits {
+            max_streams: Some(1),
+            ..limits()
+        });
+        let first = governor.admit().await.expect("a free slot");
+        let refused = governor.admit().await.expect_err("the slot is taken");
+        assert!(matches!(refused, Error::ResourceExhausted(_)), "{refused}");
+        drop(first);
+        assert!(governor.admit().await.is_ok(), "the slot came back");
+        governor.stop();
+        let stopping = governor.admit().await.expect_err("shutting down");
+        assert!(matches!(stopping, Error::Unavailable(_)), "{stopping}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_its_row_limit_ends_with_resource_exhausted() {
+        let governor = Governor::new(Limits {
+            max_rows: Some(5),
+            ..limits()
+        });
+        let mut guarded = governor.guard(messages(3, 3), None);
+        let mut sent = 0;
+        let error = loop {
+            match guarded.next().await {
+                Some(Ok(_)) => sent += 1,
+                Some(Err(status)) => break status,
+                None => panic!("the stream ended within its limit"),
+            }
+        };
+        // The schema and the first batch (3 rows); the second batch passes 5.
+        assert_eq!(sent, 2);
+        assert_eq!(error.code(), Code::ResourceExhausted);
+        assert!(guarded.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_within_its_limits_passes_unchanged() {
+        let governor = Governor::new(Limits {
+            max_rows: Some(9),
+            max_bytes: Some(1 << 20),
+            ..limits()
+        });
+        let sent: Vec<FlightData> = governor
+            .guard(messages(3, 3), None)
+            .try_collect()
+            .await
+            .expect("within limits");
+        assert_eq!(sent.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_takes_nothing_loses_its_stream_and_slot() {
+        let governor = Governor::new(Limits {
+            max_streams: Some(1),
+            stall_timeout: Some(Duration::from_millis(100)),
+            // Longer than the stall: the second DoGet waits for the stalled one's slot.
+            queue_timeout: Duration::from_secs(5),
+            ..limits()
+        });
+        let permit = governor.admit().await.expect("a slot");
+        let mut guarded = governor.guard(messages(100, 10), permit);
+        assert!(matches!(guarded.next().await, Some(Ok(_))));
+        // The client stops reading; the watchdog checks on its own timer.
+        let freed = governor.admit().await;
+        assert!(
+            matches!(freed, Ok(Some(_))),
+            "the stalled stream's slot is freed"
+        );
+        let ended = guarded.next().await.expect("an item").expect_err("ended");
+        assert_eq!(ended.code(), Code::DeadlineExceeded);
     }
 }

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
+pub use actions::{Caller, run as run_action};
 pub use flight::FlightHandler;
 pub use limits::{Limits, parse_duration};
 
@@ -99,7 +100,7 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::select! {
-        served = served => served.map_err(|e| Error::Internal(format!("server failed: {e}"))),
+        served = served => served.map_err(|e| Error::internal_from("server failed", e)),
         // Idle connections that a client keeps open do not hold the shutdown up.
         () = governor.hard_stop() => Ok(()),
     }

@@ -26,10 +26,10 @@ const MAX_PLANS: usize = 32;
 
 #[derive(Default)]
 pub(super) struct Plans {
-    entries: Mutex<HashMap<Bytes, Entry>>,
+    entries: Mutex<HashMap<Bytes, Slot>>,
 }
 
-struct Entry {
+struct Slot {
     made: Instant,
     planned: Arc<Planned>,
     partition: usize,
@@ -67,7 +67,7 @@ impl Plans {
             let planned = Arc::clone(&planned);
             entries.insert(
                 ticket,
-                Entry {
+                Slot {
                     made: now,
                     planned,
                     partition,
@@ -86,5 +86,75 @@ impl Plans {
         entries.retain(|_, e| now.duration_since(e.made) < KEEP);
         let entry = entry?;
         (now.duration_since(entry.made) < KEEP).then_some((entry.planned, entry.partition))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::Schema;
+    use bytes::Bytes;
+    use datafusion::execution::TaskContext;
+    use datafusion::physical_plan::empty::EmptyExec;
+
+    use super::{MAX_PLANS, MAX_TICKETS, Plans};
+    use crate::query::Planned;
+
+    fn planned() -> Arc<Planned> {
+        Arc::new(Planned {
+            plan: Arc::new(EmptyExec::new(Arc::new(Schema::empty()))),
+            task: Arc::new(TaskContext::default()),
+            limit: None,
+        })
+    }
+
+    fn tickets(prefix: &str, n: usize) -> Vec<Bytes> {
+        (0..n)
+            .map(|i| Bytes::from(format!("{prefix}{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn each_ticket_takes_its_partition_once() {
+        let plans = Plans::default();
+        let plan = planned();
+        plans.offer(Arc::clone(&plan), tickets("a", 3));
+        for (partition, ticket) in tickets("a", 3).iter().enumerate().rev() {
+            let (got, at) = plans.take(ticket).expect("offered moments ago");
+            assert!(Arc::ptr_eq(&got, &plan));
+            assert_eq!(at, partition);
+            // A second fetch of the same ticket plans again from the ticket.
+            assert!(plans.take(ticket).is_none());
+        }
+        assert!(plans.take(b"never offered").is_none());
+    }
+
+    #[test]
+    fn the_oldest_plans_go_whole_when_too_many_wait() {
+        let plans = Plans::default();
+        for p in 0..=MAX_PLANS {
+            plans.offer(planned(), tickets(&format!("p{p}-"), 2));
+        }
+        // The first plan made room for the last, with both its tickets.
+        assert!(plans.take(b"p0-0").is_none());
+        assert!(plans.take(b"p0-1").is_none());
+        assert!(plans.take(b"p1-0").is_some());
+        assert!(
+            plans
+                .take(&format!("p{MAX_PLANS}-1").into_bytes())
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn one_huge_flight_keeps_at_most_the_ticket_bound() {
+        let plans = Plans::default();
+        plans.offer(planned(), tickets("t", MAX_TICKETS + 10));
+        let kept = tickets("t", MAX_TICKETS + 10)
+            .iter()
+            .filter(|t| plans.take(t).is_some())
+            .count();
+        assert_eq!(kept, MAX_TICKETS);
     }
 }

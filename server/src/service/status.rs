@@ -1,4 +1,4 @@
-//! The one conversion from [`Error`] to `tonic::Status` (SPEC section 6).
+//! The one conversion from [`Error`] to `tonic::Status` (docs/PROTOCOL.md section 6).
 //!
 //! User errors name the key, column or parse error; internal errors are logged with their chain
 //! and returned without the server's internals.
@@ -88,9 +88,13 @@ fn classify_error(error: Error) -> Status {
                 Status::data_loss(error.to_string())
             }
             Error::Query(e) => classify(e),
-            Error::Catalog(_) | Error::Storage { .. } | Error::Io { .. } | Error::Internal(_) => {
-                tracing::error!(error = ?error, "internal error");
-                Status::internal(error.to_string())
+            Error::Catalog(_)
+            | Error::Storage { .. }
+            | Error::Io { .. }
+            | Error::Internal { .. } => {
+                let chain = error.chain();
+                tracing::error!(error = %chain, "internal error");
+                Status::internal(chain)
             }
         }
     }

@@ -120,7 +120,7 @@ pub(crate) async fn lock(
         Ok(file)
     })
     .await
-    .map_err(|e| Error::Internal(format!("cannot lock {name}: {e}")))?
+    .map_err(|e| Error::internal_from(format!("cannot lock {name}"), e))?
 }
 
 /// Removes what a crashed upload left in `dir`: partial `.upload-*` files, and complete files

@@ -272,7 +272,7 @@ impl Storage {
         let mut stores = self
             .stores
             .lock()
-            .map_err(|_| Error::Internal("object store cache poisoned".into()))?;
+            .map_err(|_| Error::internal("object store cache poisoned"))?;
         if let Some(store) = stores.get(&base) {
             return Ok((Arc::clone(store), path));
         }
@@ -384,7 +384,7 @@ impl Storage {
             let (checked, listed) = (url.clone(), files.clone());
             tokio::task::spawn_blocking(move || check_no_escape(&checked, &listed))
                 .await
-                .map_err(|e| Error::Internal(format!("escape check failed: {e}")))??;
+                .map_err(|e| Error::internal_from("escape check failed", e))??;
         }
         Ok(Located {
             url: url.clone(),

@@ -73,9 +73,8 @@ impl ZarrStore {
                     .map_err(|e| data_loss(&location, format!("not a zarr store ({e})")))?,
             ),
             Err(()) => {
-                let handle = tokio::runtime::Handle::try_current().map_err(|e| {
-                    Error::Internal(format!("no runtime for remote zarr reads: {e}"))
-                })?;
+                let handle = tokio::runtime::Handle::try_current()
+                    .map_err(|e| Error::internal_from("no runtime for remote zarr reads", e))?;
                 let prefixed = object_store::prefix::PrefixStore::new(
                     Arc::clone(&located.store),
                     located.prefix.clone(),

@@ -31,7 +31,7 @@ use super::stream::{FlightStream, stream_partition};
 use crate::catalog::Role;
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
-use crate::formats::{AnnData, Format, Request as OpenRequest};
+use crate::formats::{self, ReadRequest};
 use crate::query::{Command, Planned, Resolved, TicketSpec};
 use crate::registry::Registry;
 
@@ -67,7 +67,11 @@ impl FlightHandler {
         let plans = Arc::new(Plans::default());
         let authenticator = auth.then(|| Authenticator::new(registry.planner().catalog().clone()));
         Ok(Self {
-            sql: SqlService::new(registry.clone(), Arc::clone(&cancels), Arc::clone(&plans))?,
+            sql: SqlService::new(
+                registry.planner().clone(),
+                Arc::clone(&cancels),
+                Arc::clone(&plans),
+            )?,
             registry,
             cancels,
             plans,
@@ -124,8 +128,8 @@ impl FlightHandler {
         let [record] = resolved.sources.as_slice() else {
             return None;
         };
-        // Only the array format has a structure; asking it saves opening parquet listings.
-        if !AnnData.claims(&record.suffix) {
+        // Asking only formats with a structure saves opening parquet listings.
+        if !formats::format_of(&record.suffix).has_structure() {
             return None;
         }
         self.registry
@@ -182,7 +186,7 @@ impl FlightHandler {
         }
         let info = FlightInfo::new()
             .try_with_schema(&planned.schema())
-            .map_err(|e| Error::Internal(format!("cannot encode schema: {e}")))?
+            .map_err(|e| Error::internal_from("cannot encode schema", e))?
             .with_descriptor(descriptor)
             .with_endpoints(endpoints.collect())
             .with_total_records(records)
@@ -238,7 +242,7 @@ impl FlightHandler {
                 // One entry that cannot be opened, or opens slowly, never holds the listing up.
                 let opened = tokio::time::timeout(
                     LIST_ENTRY_TIMEOUT,
-                    planner.union(&ctx, &sources, &OpenRequest::default()),
+                    planner.union(&ctx, &sources, &ReadRequest::default()),
                 )
                 .await;
                 match opened {
@@ -459,7 +463,12 @@ impl FlightService for FlightHandler {
             "SetSessionOptions" | "GetSessionOptions" => bytes::Bytes::new(),
             kind => self
                 .governor
-                .deadline(actions::run(&self.registry, kind, &action.body))
+                .deadline(actions::run(
+                    &self.registry,
+                    kind,
+                    &action.body,
+                    actions::Caller::Client,
+                ))
                 .await?
                 .to_string()
                 .into(),

@@ -114,8 +114,7 @@ pub(super) fn sql_info() -> Result<SqlInfoData> {
     b.append(SqlInfo::SqlNamedParametersSupported, false);
     b.append(SqlInfo::SqlLocatorsUpdateCopy, false);
     b.append(SqlInfo::SqlStoredFunctionsUsingCallSyntaxSupported, false);
-    b.build()
-        .map_err(|e| Error::Internal(format!("SqlInfo: {e}")))
+    b.build().map_err(|e| Error::internal_from("SqlInfo", e))
 }
 
 /// The arrow line this build links (kept with the workspace's arrow version).
@@ -239,5 +238,5 @@ pub(super) fn type_info() -> Result<XdbcTypeInfoData> {
         });
     }
     b.build()
-        .map_err(|e| Error::Internal(format!("XdbcTypeInfo: {e}")))
+        .map_err(|e| Error::internal_from("XdbcTypeInfo", e))
 }

@@ -1,4 +1,4 @@
-//! The Flight SQL edge, served on the same port as plain Flight (SPEC section 7). The Flight
+//! The Flight SQL edge, served on the same port as plain Flight (docs/PROTOCOL.md section 7). The Flight
 //! handler routes every message whose command, ticket or action is Flight SQL's here.
 //!
 //! Statements and prepared statements are planned by DataFusion over the same providers as Flight
@@ -35,8 +35,7 @@ use super::cancel::Cancels;
 use super::plans::Plans;
 use super::stream::{FlightStream, batches_to_flight, stream_partition};
 use crate::error::{Error, Result};
-use crate::query::{CATALOG, Planner, SCHEMA, SqlPlan, Statement, TABLE_TYPE};
-use crate::registry::Registry;
+use crate::query::{CATALOG, Planner, SCHEMA, SqlPlan, SqlPlanner, Statement, TABLE_TYPE};
 
 /// Flight SQL's type URLs share this prefix; plain Flight commands are JSON and never match.
 const TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
@@ -63,7 +62,7 @@ pub(super) fn sql_message(bytes: &[u8]) -> Option<Any> {
 /// Answers Flight SQL; one per server, cheap to clone.
 #[derive(Clone)]
 pub(super) struct SqlService {
-    registry: Registry,
+    sql: SqlPlanner,
     cancels: Arc<Cancels>,
     plans: Arc<Plans>,
     info: Arc<SqlInfoData>,
@@ -71,13 +70,9 @@ pub(super) struct SqlService {
 }
 
 impl SqlService {
-    pub(super) fn new(
-        registry: Registry,
-        cancels: Arc<Cancels>,
-        plans: Arc<Plans>,
-    ) -> Result<Self> {
+    pub(super) fn new(planner: Planner, cancels: Arc<Cancels>, plans: Arc<Plans>) -> Result<Self> {
         Ok(Self {
-            registry,
+            sql: SqlPlanner::new(planner),
             cancels,
             plans,
             info: Arc::new(sql_info()?),
@@ -86,7 +81,7 @@ impl SqlService {
     }
 
     fn planner(&self) -> &Planner {
-        self.registry.planner()
+        self.sql.planner()
     }
 
     /// A statement's flight: one endpoint per independent partition, each ticket the statement
@@ -96,7 +91,7 @@ impl SqlService {
         statement: Statement,
         descriptor: FlightDescriptor,
     ) -> Result<FlightInfo> {
-        let SqlPlan { planned, versions } = self.planner().sql_plan(&statement).await?;
+        let SqlPlan { planned, versions } = self.sql.plan(&statement).await?;
         let partition_count = planned.endpoint_count();
         let flight = rand::random::<u64>();
         let tickets = (0..partition_count)
@@ -122,7 +117,7 @@ impl SqlService {
         let (records, bytes) = planned.totals();
         let info = FlightInfo::new()
             .try_with_schema(&planned.schema())
-            .map_err(|e| Error::Internal(format!("cannot encode schema: {e}")))?
+            .map_err(|e| Error::internal_from("cannot encode schema", e))?
             .with_descriptor(descriptor)
             .with_endpoints(endpoints)
             .with_total_records(records)
@@ -148,7 +143,7 @@ impl SqlService {
         }
         statement.parameters = Some(parameters);
         // Planning now reports a wrong count or type at bind time, not at execution.
-        self.planner().sql_plan(&statement).await?;
+        self.sql.plan(&statement).await?;
         Ok(statement.encode()?.into())
     }
 
@@ -158,10 +153,10 @@ impl SqlService {
         let command = Command::try_from(any)
             .map_err(|e| Error::invalid(format!("malformed Flight SQL command: {e}")))?;
         Ok(match command {
-            Command::CommandStatementQuery(q) => self.planner().sql_prepare(&q.query).await?.0,
+            Command::CommandStatementQuery(q) => self.sql.prepare(&q.query).await?.0,
             Command::CommandPreparedStatementQuery(q) => {
                 let statement = Statement::decode(&q.prepared_statement_handle)?;
-                self.planner().sql_plan(&statement).await?.planned.schema()
+                self.sql.plan(&statement).await?.planned.schema()
             }
             Command::CommandGetCatalogs(c) => c.into_builder().schema(),
             Command::CommandGetDbSchemas(c) => c.into_builder().schema(),
@@ -195,9 +190,11 @@ impl SqlService {
         let pattern = query.table_name_filter_pattern.clone();
         let mut builder = query.into_builder();
         if !(catalog_ok && schema_ok && type_ok) {
-            return builder.build().map_err(|e| Error::Internal(e.to_string()));
+            return builder
+                .build()
+                .map_err(|e| Error::internal_from("GetTables", e));
         }
-        let tables = self.planner().sql_tables().await?;
+        let tables = self.sql.tables().await?;
         let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
         let keep = matches_pattern(pattern.as_deref(), &names)?;
         let wanted = tables
@@ -205,16 +202,16 @@ impl SqlService {
             .zip(keep)
             .filter(|(_, k)| *k)
             .map(|(t, _)| t);
-        let planner = self.planner().clone();
+        let sql = self.sql.clone();
         let mut schemas = stream::iter(wanted)
             .map(|table| {
-                let planner = planner.clone();
+                let sql = sql.clone();
                 async move {
                     if !include_schema {
                         return (table, Arc::new(Schema::empty()));
                     }
-                    let ctx = planner.session();
-                    let schema = match planner.open_sql_table(&ctx, &table).await {
+                    let ctx = sql.planner().session();
+                    let schema = match sql.open_table(&ctx, &table).await {
                         Ok(provider) => provider.schema(),
                         Err(e) => {
                             // One unreadable artifact must not hide every other table.
@@ -229,9 +226,11 @@ impl SqlService {
         while let Some((table, schema)) = schemas.next().await {
             builder
                 .append(CATALOG, SCHEMA, &table.name, TABLE_TYPE, &schema)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+                .map_err(|e| Error::internal_from("GetTables", e))?;
         }
-        builder.build().map_err(|e| Error::Internal(e.to_string()))
+        builder
+            .build()
+            .map_err(|e| Error::internal_from("GetTables", e))
     }
 
     fn cancel(&self, info: &FlightInfo) -> i32 {
@@ -415,8 +414,8 @@ impl FlightSqlService for SqlService {
         _request: Request<Ticket>,
     ) -> Result<DoGetResponse, Status> {
         let statement = Statement::decode(&ticket.statement_handle)?;
-        let planner = self.planner().with_partitions(statement.target_partitions);
-        let SqlPlan { planned, .. } = planner.sql_plan(&statement).await?;
+        let sql = SqlPlanner::new(self.planner().with_partitions(statement.target_partitions));
+        let SqlPlan { planned, .. } = sql.plan(&statement).await?;
         if planned.endpoint_count() != statement.partition_count {
             return Err(Error::Stale(
                 "the data changed since this ticket was issued; run the query again".into(),
@@ -528,7 +527,7 @@ impl FlightSqlService for SqlService {
         query: ActionCreatePreparedStatementRequest,
         _request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let (dataset, parameters) = self.planner().sql_prepare(&query.query).await?;
+        let (dataset, parameters) = self.sql.prepare(&query.query).await?;
         let ipc = |schema: &Schema| -> Result<Bytes, Status> {
             let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
                 .try_into()

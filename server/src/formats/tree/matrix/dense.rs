@@ -7,7 +7,8 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, UInt64Array, new_empty_array};
 use arrow::compute::take;
 
-use super::{MatrixSource, Storage, ascending, coalesce, concat_or_empty, densify};
+use super::index::{ColumnMap, ascending, coalesce};
+use super::{Encoding, MatrixSource, concat_or_empty, densify};
 use crate::error::Result;
 use crate::formats::array::ArrayInfo;
 
@@ -31,7 +32,7 @@ impl MatrixSource {
         }
         let item = self.dtype.width().max(1);
         let col_chunk = info.chunks.as_ref().and_then(|c| c.get(1).copied());
-        let (col_runs, col_place) = match &self.stored_cols {
+        let (col_runs, col_place) = match self.columns.as_ref().map(ColumnMap::stored) {
             None => (std::iter::once(0..width).collect::<Vec<_>>(), None),
             Some(stored) => {
                 let runs: Vec<Range<u64>> = coalesce(stored, |a, b| match col_chunk {
@@ -145,8 +146,8 @@ impl MatrixSource {
     /// Rows `range` of the selection as dense values (`rows * n_cols`, row-major), in selection
     /// order.
     pub(super) fn dense_rows(&self, range: Range<usize>) -> Result<ArrayRef> {
-        match &self.storage {
-            Storage::Dense { path, info } => {
+        match &self.encoding {
+            Encoding::Dense { path, info } => {
                 let wanted = &self.rows[range];
                 match ascending(wanted) {
                     None => self.read_dense(path, info, wanted),
@@ -162,7 +163,7 @@ impl MatrixSource {
                     }
                 }
             }
-            Storage::Sparse(_) => {
+            Encoding::Sparse(_) => {
                 let n = range.len();
                 let block = self.sparse_rows(range, true)?;
                 densify(&block, n, self.n_cols, &self.dtype.arrow()).map_err(|e| self.fail(e))

@@ -133,7 +133,8 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     if path.exists() {
         std::fs::remove_file(path).map_err(|e| io(path, e))?;
     }
-    let text = serde_json::to_vec_pretty(value).map_err(|e| Error::Internal(e.to_string()))?;
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::internal_from("encoding zarr metadata", e))?;
     std::fs::write(path, text).map_err(|e| io(path, e))
 }
 

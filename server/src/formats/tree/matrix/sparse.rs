@@ -10,17 +10,15 @@ use arrow::array::{
 use arrow::compute::{cast, concat, filter, take};
 use arrow::datatypes::{DataType, Int64Type};
 
-use super::{MatrixSource, Sparse, SparseBlock, Storage, ascending, concat_or_empty};
+use super::index::ascending;
+use super::{Encoding, MatrixSource, Sparse, SparseBlock, concat_or_empty};
 use crate::error::Result;
 
 impl MatrixSource {
     /// The output positions that stored column `col` fills (several where `var_names` repeats a
     /// name), or `None` when every column is selected as stored.
     pub(super) fn targets_of(&self, col: u64) -> Option<&[(u64, u32)]> {
-        let targets = self.targets.as_deref()?;
-        let a = targets.partition_point(|t| t.0 < col);
-        let b = a + targets[a..].partition_point(|t| t.0 == col);
-        Some(&targets[a..b])
+        Some(self.columns.as_ref()?.targets_of(col))
     }
 
     /// Reads the selected rows (ascending, unique) of a CSR matrix, columns remapped to selection
@@ -89,7 +87,7 @@ impl MatrixSource {
                         }
                     }
                 }
-                if self.targets.is_some() {
+                if self.columns.is_some() {
                     row_entries.sort_unstable_by_key(|e| e.0);
                 }
                 piece.counts.push(row_entries.len());
@@ -157,8 +155,8 @@ impl MatrixSource {
             });
         };
         let every: Vec<u64>;
-        let stored: &[u64] = match &self.stored_cols {
-            Some(stored) => stored,
+        let stored: &[u64] = match &self.columns {
+            Some(columns) => columns.stored(),
             None => {
                 every = (0..sparse.indptr.len().saturating_sub(1) as u64).collect();
                 &every
@@ -277,10 +275,10 @@ impl MatrixSource {
         let wanted = &self.rows[range];
         let sorted = ascending(wanted);
         let rows = sorted.as_ref().map_or(wanted, |(rows, _)| rows.as_slice());
-        let block = match &self.storage {
-            Storage::Sparse(s) if !s.csc => self.read_csr(s, rows, values)?,
-            Storage::Sparse(s) => self.read_csc(s, rows, values)?,
-            Storage::Dense { path, info } => {
+        let block = match &self.encoding {
+            Encoding::Sparse(s) if !s.csc => self.read_csr(s, rows, values)?,
+            Encoding::Sparse(s) => self.read_csc(s, rows, values)?,
+            Encoding::Dense { path, info } => {
                 let dense = self.read_dense(path, info, rows)?;
                 sparsify(&dense, rows.len(), self.n_cols).map_err(|e| self.fail(e))?
             }

@@ -295,7 +295,7 @@ impl BlockSource for Frame {
             let col = self
                 .columns
                 .get(i)
-                .ok_or_else(|| Error::Internal(format!("no column {i} in '{}'", self.path)))?;
+                .ok_or_else(|| Error::internal(format!("no column {i} in '{}'", self.path)))?;
             arrays.push(self.read_column(col, absolute.clone())?);
             fields.push(Arc::clone(&col.field));
         }

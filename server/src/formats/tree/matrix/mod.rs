@@ -1,5 +1,5 @@
 //! Matrix elements (`X`, `layers`, `obsm`, `varm`, `obsp`, `varp`) read for a selection of rows and
-//! columns, in the wire layouts of SPEC section 5.
+//! columns, in the wire layouts of docs/PROTOCOL.md section 5.
 //!
 //! Reads are chunk-aware. Selected rows are coalesced into runs: rows in the same chunk (zarr, or
 //! chunked HDF5) or a few rows apart (contiguous HDF5) are read as one block, and nothing outside
@@ -17,20 +17,26 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, FixedSizeListArray, Int32Array, Int64Array, ListArray, RecordBatch,
+    Array, ArrayRef, FixedSizeListArray, Int32Array, Int64Array, ListArray, RecordBatch,
     RecordBatchOptions, UInt64Array, new_empty_array, new_null_array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{cast, concat, take};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::super::array::{ArrayInfo, ArrayStore, Dtype, Node, ReadMetrics, data_loss, join};
+use super::super::array::{ArrayStore, Dtype, ReadMetrics, data_loss};
 use super::super::blocks::BlockSource;
 use crate::error::{Error, Result};
 use crate::formats::Layout;
 
 mod dense;
+mod index;
 mod sparse;
+mod stored;
+
+use index::ColumnMap;
+use stored::Sparse;
+pub(crate) use stored::{Encoding, Matrix};
 
 use sparse::densify;
 
@@ -38,32 +44,6 @@ use sparse::densify;
 const BLOCK_BYTES: u64 = 8 << 20;
 /// Entries a CSC block is expected to hold: its conversion keeps this many in memory.
 const CSC_BLOCK_ENTRIES: u128 = 2 << 20;
-
-/// How a matrix is stored.
-#[derive(Debug, Clone)]
-pub(crate) enum Storage {
-    Dense { path: String, info: ArrayInfo },
-    Sparse(Sparse),
-}
-
-/// A `csr_matrix` or `csc_matrix` group.
-#[derive(Debug, Clone)]
-pub(crate) struct Sparse {
-    data: String,
-    indices: String,
-    data_info: ArrayInfo,
-    /// `indptr`, read once.
-    indptr: Arc<Vec<i64>>,
-    csc: bool,
-}
-
-/// A matrix element as stored: its storage, shape and value type.
-#[derive(Debug, Clone)]
-pub(crate) struct Matrix {
-    pub storage: Storage,
-    pub shape: [u64; 2],
-    pub dtype: Dtype,
-}
 
 /// The rows and columns a request selects from a matrix.
 #[derive(Debug, Clone)]
@@ -77,133 +57,6 @@ pub(crate) struct Selection {
     pub cols: Option<Vec<u64>>,
     /// The selected columns' names, for the wide layout and the schema metadata.
     pub col_names: Option<Vec<String>>,
-}
-
-impl Matrix {
-    /// Opens the matrix at `path`: a 2-D array, or a sparse group. Anything else is refused,
-    /// naming the element.
-    pub(crate) fn open(store: &dyn ArrayStore, path: &str) -> Result<Self> {
-        let location = store.location();
-        match store.node(path)? {
-            None => Err(Error::not_found(format!(
-                "no element '{path}' in {location}"
-            ))),
-            Some(Node::Array(info)) => {
-                let [rows, cols] = match info.shape.as_slice() {
-                    [r, c] => [*r, *c],
-                    [r] => [*r, 1],
-                    other => {
-                        return Err(Error::invalid(format!(
-                            "element '{path}' in {location} has {} dimensions; only 1-D and 2-D \
-                             matrices are served",
-                            other.len()
-                        )));
-                    }
-                };
-                let dtype = info.dtype;
-                if dtype == Dtype::Utf8 {
-                    return Err(Error::invalid(format!(
-                        "element '{path}' in {location} is a string array, not a matrix"
-                    )));
-                }
-                Ok(Matrix {
-                    storage: Storage::Dense {
-                        path: path.to_string(),
-                        info,
-                    },
-                    shape: [rows, cols],
-                    dtype,
-                })
-            }
-            Some(Node::Group) => {
-                let attrs = store.attrs(path)?;
-                let encoding = attrs
-                    .get("encoding-type")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("(none)");
-                let csc = match encoding {
-                    "csr_matrix" => false,
-                    "csc_matrix" => true,
-                    other => {
-                        return Err(Error::invalid(format!(
-                            "element '{path}' in {location} has encoding '{other}', which cannot be \
-                             served as a matrix"
-                        )));
-                    }
-                };
-                let shape: Vec<u64> = attrs
-                    .get("shape")
-                    .and_then(|v| v.as_array())
-                    .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-                    .unwrap_or_default();
-                let [rows, cols] = shape.as_slice() else {
-                    return Err(data_loss(
-                        location,
-                        format!("'{path}' has no valid 'shape'"),
-                    ));
-                };
-                let data = join(path, "data");
-                let indices = join(path, "indices");
-                let data_info = store.array(&data)?;
-                let indices_info = store.array(&indices)?;
-                if !matches!(indices_info.dtype, Dtype::Int32 | Dtype::Int64) {
-                    return Err(data_loss(
-                        location,
-                        format!(
-                            "'{path}/indices' is {}, not int32 or int64",
-                            indices_info.dtype.numpy()
-                        ),
-                    ));
-                }
-                let indptr = store.read_all_kept(&join(path, "indptr"))?;
-                let indptr = cast(&indptr, &DataType::Int64)
-                    .map_err(|e| data_loss(location, format!("'{path}/indptr': {e}")))?;
-                let indptr: Vec<i64> = indptr.as_primitive::<Int64Type>().values().to_vec();
-                let major = if csc { *cols } else { *rows };
-                let nnz = data_info.shape.first().copied().unwrap_or(0);
-                let valid = indptr.len() as u64 == major + 1
-                    && indptr.windows(2).all(|w| w[0] <= w[1])
-                    && indptr.first() == Some(&0)
-                    && indptr.last().is_some_and(|&l| l as u64 <= nnz)
-                    && indices_info.shape.first().copied().unwrap_or(0) == nnz;
-                if !valid {
-                    return Err(data_loss(
-                        location,
-                        format!(
-                            "'{path}' is not a valid sparse matrix (indptr does not match its shape)"
-                        ),
-                    ));
-                }
-                let dtype = data_info.dtype;
-                Ok(Matrix {
-                    storage: Storage::Sparse(Sparse {
-                        data,
-                        indices,
-                        data_info,
-                        indptr: Arc::new(indptr),
-                        csc,
-                    }),
-                    shape: [*rows, *cols],
-                    dtype,
-                })
-            }
-        }
-    }
-}
-
-impl Storage {
-    /// Whether this is a CSC matrix, which is converted to rows one block at a time.
-    pub(crate) fn is_csc(&self) -> bool {
-        matches!(self, Storage::Sparse(s) if s.csc)
-    }
-
-    /// Rows per storage chunk, where partitions should split.
-    pub(crate) fn row_chunk(&self) -> u64 {
-        match self {
-            Storage::Dense { info, .. } => info.row_chunk(),
-            Storage::Sparse(_) => 1,
-        }
-    }
 }
 
 /// What one output row carries.
@@ -222,7 +75,7 @@ pub(crate) enum Output {
 pub(crate) struct MatrixSource {
     store: Arc<dyn ArrayStore>,
     element: String,
-    storage: Storage,
+    encoding: Encoding,
     dtype: Dtype,
     /// Selected row positions, in output order.
     rows: Vec<u64>,
@@ -237,11 +90,8 @@ pub(crate) struct MatrixSource {
     schema: SchemaRef,
     /// Long layout: the selected rows' and columns' names, as strings.
     names: Option<(ArrayRef, ArrayRef)>,
-    /// The selected stored columns, ascending, each with the output position it fills (a column
-    /// named twice in `var_names` fills two); `None` for every column as stored.
-    targets: Option<Vec<(u64, u32)>>,
-    /// The stored columns `targets` names, each once, ascending: what reads fetch.
-    stored_cols: Option<Vec<u64>>,
+    /// Where the selected stored columns go; `None` for every column as stored.
+    columns: Option<ColumnMap>,
 }
 
 /// Rows of a sparse matrix: `offsets` per row, column positions within the selection, values.
@@ -261,7 +111,7 @@ impl MatrixSource {
         output: Output,
     ) -> Result<Self> {
         let Matrix {
-            storage,
+            encoding,
             shape,
             dtype,
         } = matrix;
@@ -289,27 +139,12 @@ impl MatrixSource {
                 ),
             ));
         }
-        let targets = match &cols {
+        let columns = match &cols {
             None => None,
-            Some(cols) => {
-                let mut targets = cols
-                    .iter()
-                    .enumerate()
-                    .map(|(new, &old)| {
-                        u32::try_from(new).map(|new| (old, new)).map_err(|_| {
-                            Error::invalid(format!("too many columns selected from '{element}'"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                targets.sort_unstable();
-                Some(targets)
-            }
+            Some(cols) => Some(ColumnMap::new(cols).ok_or_else(|| {
+                Error::invalid(format!("too many columns selected from '{element}'"))
+            })?),
         };
-        let stored_cols = targets.as_ref().map(|targets| {
-            let mut stored: Vec<u64> = targets.iter().map(|t| t.0).collect();
-            stored.dedup();
-            stored
-        });
         let n_cols = cols.as_ref().map(|c| c.len() as u64).unwrap_or(shape[1]);
         let value = dtype.arrow();
         let mut fields: Vec<Field> = index
@@ -417,7 +252,7 @@ impl MatrixSource {
                 Some(col_names),
             ) if index.num_columns() > 0 => {
                 let obs = cast(index.column(0), &DataType::Utf8).map_err(|e| {
-                    Error::Internal(format!("'{element}': row names are not strings: {e}"))
+                    Error::internal_from(format!("'{element}': row names are not strings"), e)
                 })?;
                 let vars: ArrayRef = Arc::new(arrow::array::StringArray::from_iter_values(
                     col_names.iter(),
@@ -431,7 +266,7 @@ impl MatrixSource {
                 },
                 _,
             ) => {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "'{element}': the long layout needs row and column names"
                 )));
             }
@@ -440,7 +275,7 @@ impl MatrixSource {
         Ok(Self {
             store,
             element: element.to_string(),
-            storage,
+            encoding,
             dtype,
             rows,
             index,
@@ -450,8 +285,7 @@ impl MatrixSource {
             output,
             schema,
             names,
-            targets,
-            stored_cols,
+            columns,
         })
     }
 
@@ -472,10 +306,10 @@ impl MatrixSource {
         };
         let row_bytes = self.n_cols.max(1).saturating_mul(entry).max(1);
         let rows = (BLOCK_BYTES / row_bytes).max(1);
-        match &self.storage {
+        match &self.encoding {
             // A CSC block reads the selected columns' ranges once: blocks are sized by the
             // entries they are expected to hold, so that few passes cover the selection.
-            Storage::Sparse(s) if s.csc => {
+            Encoding::Sparse(s) if s.csc => {
                 let nnz = s.indptr.last().copied().unwrap_or(0).max(0) as u128;
                 let cells = (u128::from(self.shape[0]) * u128::from(self.shape[1])).max(1);
                 let per_row = (nnz * u128::from(self.n_cols) / cells).max(1);
@@ -505,8 +339,8 @@ impl MatrixSource {
             .as_ref()
             .ok_or_else(|| self.fail("the long layout needs row and column names"))?;
         let n = range.len();
-        let (row, col, values) = match &self.storage {
-            Storage::Sparse(_) => {
+        let (row, col, values) = match &self.encoding {
+            Encoding::Sparse(_) => {
                 let block = self.sparse_rows(range.clone(), values)?;
                 let mut row = Vec::with_capacity(block.indices.len());
                 for r in 0..n {
@@ -516,7 +350,7 @@ impl MatrixSource {
                 let col = block.indices.iter().map(|&c| c as u64).collect();
                 (row, col, block.data)
             }
-            Storage::Dense { .. } => {
+            Encoding::Dense { .. } => {
                 let n_cols = self.n_cols;
                 let entries = (n as u64).saturating_mul(n_cols) as usize;
                 let values = if values {
@@ -546,43 +380,6 @@ fn concat_or_empty(parts: &[ArrayRef], dtype: &DataType) -> Result<ArrayRef, Str
             concat(&refs).map_err(|e| e.to_string())
         }
     }
-}
-
-/// Requested positions as reads want them: ascending and unique, with where each requested
-/// position is among them. `None` when the request already ascends without repeats.
-fn ascending(positions: &[u64]) -> Option<(Vec<u64>, Vec<usize>)> {
-    if positions.windows(2).all(|w| w[0] < w[1]) {
-        return None;
-    }
-    let rows = dedup_sorted(positions.iter().copied());
-    let place = positions
-        .iter()
-        .map(|p| rows.binary_search(p).unwrap_or_else(|i| i))
-        .collect();
-    Some((rows, place))
-}
-
-/// The distinct values, ascending.
-fn dedup_sorted(values: impl Iterator<Item = u64>) -> Vec<u64> {
-    let mut values: Vec<u64> = values.collect();
-    values.sort_unstable();
-    values.dedup();
-    values
-}
-
-/// Groups ascending positions into runs of neighbours.
-fn coalesce(rows: &[u64], near: impl Fn(u64, u64) -> bool) -> Vec<&[u64]> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=rows.len() {
-        if i == rows.len() || !near(rows[i - 1], rows[i]) {
-            if i > start {
-                runs.push(&rows[start..i]);
-            }
-            start = i;
-        }
-    }
-    runs
 }
 
 impl BlockSource for MatrixSource {
@@ -701,21 +498,21 @@ impl BlockSource for MatrixSource {
     }
 
     fn records(&self, rows: usize) -> Option<usize> {
-        match (&self.output, &self.storage) {
+        match (&self.output, &self.encoding) {
             (Output::Pairs, _) => None,
             (
                 Output::Matrix {
                     layout: Layout::Long,
                     ..
                 },
-                Storage::Dense { .. },
+                Encoding::Dense { .. },
             ) => rows.checked_mul(usize::try_from(self.n_cols).ok()?),
             (
                 Output::Matrix {
                     layout: Layout::Long,
                     ..
                 },
-                Storage::Sparse(_),
+                Encoding::Sparse(_),
             ) => None,
             _ => Some(rows),
         }

@@ -132,7 +132,9 @@ impl BlockSource for Dataset {
         let batch = RecordBatch::try_new(Arc::clone(&self.schema), vec![column])
             .map_err(|e| data_loss(self.store.location(), format!("'{}': {e}", self.path)))?;
         match projection {
-            Some(p) => batch.project(p).map_err(|e| Error::Internal(e.to_string())),
+            Some(p) => batch
+                .project(p)
+                .map_err(|e| Error::internal_from(format!("projecting '{}'", self.path), e)),
             None => Ok(batch),
         }
     }

@@ -1,7 +1,7 @@
-//! AnnData (`.h5ad`, `.zarr`), the AnnData tables of SpatialData stores, and generic HDF5 and
-//! zarr datasets: one reader over both array storages.
+//! Trees of arrays in HDF5 (`.h5ad`, `.h5`) and zarr stores: AnnData, the AnnData tables of
+//! SpatialData stores, and any other hierarchy of datasets. One reader over both array storages.
 //!
-//! Elements map to tables as SPEC section 5 lays out. `obs` and `var` are dataframes
+//! Elements map to tables as docs/PROTOCOL.md section 5 lays out. `obs` and `var` are dataframes
 //! ([`frame`]); matrices ([`matrix`]) are read for a selection: a `filter` on `obs` is planned by
 //! DataFusion over the `obs` table, and the rows it selects are then the only rows of `X` read.
 //! Generic datasets ([`generic`]) are served as a column (1-D) or as fixed-size lists (2-D).
@@ -26,20 +26,21 @@ use datafusion::prelude::SessionContext;
 
 use super::array::{self, ArrayStore};
 use super::blocks::{BlockSource, BlockTable, split, split_range};
-use super::{Format, Inspection, Layout, Opened, Request};
+use super::{Format, Inspection, Layout, Opened, ReadRequest};
 use crate::dataframe::{apply_filter, select_columns};
 use crate::error::{Error, Result};
 use crate::storage::Located;
 use frame::{Frame, ROW_INDEX};
-use matrix::{Matrix, MatrixSource, Output, Selection, Storage};
+use matrix::{Encoding, Matrix, MatrixSource, Output, Selection};
 
 /// Rows per record batch of a dataframe.
 const FRAME_BLOCK_ROWS: usize = 64 * 1024;
 /// Bytes of a matrix selection per endpoint, above which it splits into several.
 const ENDPOINT_BYTES: u64 = 4 << 20;
 
-/// AnnData, SpatialData and generic HDF5/zarr artifacts.
-pub struct AnnData;
+/// The format of HDF5 and zarr trees: what a tree holds (AnnData, SpatialData, other arrays)
+/// decides how its elements read as tables.
+pub struct ArrayTree;
 
 /// What a store holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,12 +102,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
                 crate::error::panic_message(e.into_panic().as_ref())
             ),
         }),
-        Err(e) => Err(Error::Internal(format!("blocking task failed: {e}"))),
+        Err(e) => Err(Error::internal_from("blocking task failed", e)),
     }
 }
 
+/// The elements of an AnnData (or a SpatialData table) that SQL reads as tables.
+const SQL_ELEMENTS: [&str; 3] = ["obs", "var", "X"];
+
 #[async_trait]
-impl Format for AnnData {
+impl Format for ArrayTree {
     fn name(&self) -> &'static str {
         "anndata/hdf5/zarr"
     }
@@ -119,7 +123,7 @@ impl Format for AnnData {
         &self,
         ctx: &SessionContext,
         located: &Located,
-        request: &Request,
+        request: &ReadRequest,
     ) -> Result<Opened> {
         let store = open_store(located).await?;
         let s = Arc::clone(&store);
@@ -196,6 +200,37 @@ impl Format for AnnData {
         .await
     }
 
+    fn has_structure(&self) -> bool {
+        true
+    }
+
+    /// An AnnData shows `KEY/obs`, `KEY/var` and `KEY/X` (long form). SpatialData and other trees
+    /// list none, though a SpatialData table is still readable as `KEY/tables/NAME/obs`.
+    fn sql_tables(&self, otype: Option<&str>) -> Vec<Vec<String>> {
+        if otype != Some("AnnData") {
+            return Vec::new();
+        }
+        SQL_ELEMENTS.iter().map(|e| vec![e.to_string()]).collect()
+    }
+
+    fn sql_request(&self, key: &str, element: &[String]) -> Result<Option<ReadRequest>> {
+        let Some(last) = element.last() else {
+            return Err(Error::invalid(format!(
+                "'{key}' holds arrays, not one table: query \"{key}/obs\", \"{key}/var\" or \
+                 \"{key}/X\" (a SpatialData table: \"{key}/tables/NAME/obs\")"
+            )));
+        };
+        if !SQL_ELEMENTS.contains(&last.as_str()) {
+            return Ok(None);
+        }
+        Ok(Some(ReadRequest {
+            element: element.to_vec(),
+            // SQL reads a matrix one entry per row.
+            layout: (last == "X").then_some(Layout::Long),
+            ..Default::default()
+        }))
+    }
+
     async fn describe(&self, located: &Located, values: bool) -> Result<Option<serde_json::Value>> {
         let store = open_store(located).await?;
         blocking(move || {
@@ -219,7 +254,7 @@ struct Element<'a> {
     store: Arc<dyn ArrayStore>,
     /// The AnnData's path in the store (`""`, or `tables/NAME` in a SpatialData store).
     prefix: String,
-    request: &'a Request,
+    request: &'a ReadRequest,
 }
 
 impl Element<'_> {
@@ -364,7 +399,7 @@ impl Element<'_> {
         if let Some(names) = &self.request.var_names {
             let column = index.column(0);
             let strings = arrow::compute::cast(column, &arrow::datatypes::DataType::Utf8)
-                .map_err(|e| Error::Internal(format!("var_names: {e}")))?;
+                .map_err(|e| Error::internal_from("var_names", e))?;
             let strings = strings.as_string::<i32>();
             let mut by_name = std::collections::HashMap::with_capacity(strings.len());
             for (i, name) in strings.iter().enumerate() {
@@ -396,9 +431,9 @@ impl Element<'_> {
                     .iter()
                     .map(|c| arrow::compute::take(c, &take, None))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| Error::Internal(e.to_string()))?,
+                    .map_err(|e| Error::internal_from("reordering the obs index", e))?,
             )
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal_from("reordering the obs index", e))?;
             positions = take
                 .values()
                 .iter()
@@ -425,8 +460,8 @@ impl Element<'_> {
         df = select_columns(df, &wanted)?;
         let schema: Arc<Schema> = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await?;
-        let batch =
-            concat_batches(&schema, &batches).map_err(|e| Error::Internal(e.to_string()))?;
+        let batch = concat_batches(&schema, &batches)
+            .map_err(|e| Error::internal_from("the obs selection", e))?;
         let last = batch.num_columns() - 1;
         let positions = batch
             .column(last)
@@ -435,12 +470,12 @@ impl Element<'_> {
             .to_vec();
         let index = batch
             .project(&(0..last).collect::<Vec<_>>())
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal_from("the obs selection", e))?;
         // Metadata that DataFusion adds to fields is not part of our index.
         let plain = Schema::new(index.schema().fields().clone());
         let index = index
             .with_schema(Arc::new(plain))
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| Error::internal_from("the obs selection", e))?;
         Ok((positions, index))
     }
 
@@ -467,7 +502,7 @@ impl Element<'_> {
         let names: Vec<String> = {
             let strings =
                 arrow::compute::cast(var_index.column(0), &arrow::datatypes::DataType::Utf8)
-                    .map_err(|e| Error::Internal(format!("var_names: {e}")))?;
+                    .map_err(|e| Error::internal_from("var_names", e))?;
             strings
                 .as_string::<i32>()
                 .iter()
@@ -486,9 +521,9 @@ impl Element<'_> {
                 format!("'{path}' has {} columns, but var has {n_vars}", shape[1]),
             ));
         }
-        let layout = self.request.layout.unwrap_or(match matrix.storage {
-            Storage::Dense { .. } => Layout::Dense,
-            Storage::Sparse(_) => Layout::Sparse,
+        let layout = self.request.layout.unwrap_or(match matrix.encoding {
+            Encoding::Dense { .. } => Layout::Dense,
+            Encoding::Sparse(_) => Layout::Sparse,
         });
         let selection = Selection {
             rows,
@@ -510,8 +545,8 @@ impl Element<'_> {
         selection: Selection,
         output: Output,
     ) -> Result<Arc<dyn TableProvider>> {
-        let chunk = matrix.storage.row_chunk();
-        let csc = matrix.storage.is_csc();
+        let chunk = matrix.encoding.row_chunk();
+        let csc = matrix.encoding.is_csc();
         let source = MatrixSource::new(Arc::clone(&self.store), path, matrix, selection, output)?;
         let target = self.ctx.state().config().target_partitions();
         let max_parts =
