@@ -94,7 +94,7 @@ impl Registry {
                 .as_deref()
                 .and_then(crate::catalog::encode_schema),
         };
-        let (record, created) = self.planner.catalog().run(move |c| c.register(new)).await?;
+        let (record, created) = self.planner.catalog().register(new).await?;
         tracing::info!(key, uid = %record.uid, created, "registered");
         Ok((record, created))
     }
@@ -110,12 +110,7 @@ impl Registry {
         let ctx = self.planner.session();
         let mut schemas = Vec::with_capacity(members.len());
         for member in &members {
-            let name = member.clone();
-            let entry = self
-                .planner
-                .catalog()
-                .run(move |c| c.resolve(&name, None))
-                .await?;
+            let entry = self.planner.catalog().resolve(member, None).await?;
             let Entry::Artifact(record) = entry else {
                 return Err(Error::invalid(format!(
                     "member '{member}' is a collection, not an artifact"
@@ -129,10 +124,9 @@ impl Registry {
             schemas.push((member.clone(), table.schema()));
         }
         unify_schemas(&schemas)?;
-        let key = key.to_string();
         self.planner
             .catalog()
-            .run(move |c| c.create_collection(&key, &members, description))
+            .create_collection(key, members, description)
             .await
     }
 
@@ -252,12 +246,7 @@ impl Registry {
                 "add_column adds to 'obs' or 'var', not '{element}'"
             )));
         }
-        let k = key.to_string();
-        let entry = self
-            .planner
-            .catalog()
-            .run(move |c| c.resolve(&k, None))
-            .await?;
+        let entry = self.planner.catalog().resolve(key, None).await?;
         let Entry::Artifact(record) = entry else {
             return Err(Error::invalid(format!(
                 "'{key}' is a collection, not an AnnData artifact"
@@ -356,11 +345,10 @@ impl Registry {
         version: Option<String>,
         permanent: bool,
     ) -> Result<Vec<Entry>> {
-        let key = key.to_string();
         let deleted = self
             .planner
             .catalog()
-            .run(move |c| c.delete(&key, version.as_deref(), permanent))
+            .delete(key, version.as_deref(), permanent)
             .await?;
         if deleted.orphaned_paths.is_empty() {
             return Ok(deleted.entries);
@@ -371,7 +359,7 @@ impl Registry {
         let used: std::collections::HashSet<String> = self
             .planner
             .catalog()
-            .run(|c| c.artifact_paths())
+            .artifact_paths()
             .await?
             .into_iter()
             .collect();

@@ -48,7 +48,7 @@ impl Backend {
             Backend::Local(server) => server
                 .planner()
                 .catalog()
-                .run(move |c| c.list(&filter))
+                .list(filter)
                 .await?
                 .iter()
                 .map(Entry::to_json)

@@ -175,14 +175,7 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", serve.addr))?;
     let addr = listener.local_addr()?;
-    if opts.auth
-        && server
-            .planner()
-            .catalog()
-            .run(|c| c.tokens())
-            .await?
-            .is_empty()
-    {
+    if opts.auth && server.planner().catalog().tokens().await?.is_empty() {
         tracing::warn!(
             "--auth is on but no token exists: create one with `artiflight token create`"
         );

@@ -22,11 +22,10 @@ pub(crate) async fn run(global: &Global, key: &str, version: Option<String>) -> 
     }
     // Folders: the tree of their files, when the catalog is at hand.
     if let Backend::Local(server) = &backend {
-        let name = key.to_string();
         let entry = server
             .planner()
             .catalog()
-            .run(move |c| c.resolve(&name, version.as_deref()))
+            .resolve(key, version.as_deref())
             .await?;
         if let Entry::Artifact(record) = entry {
             let url = url::Url::parse(&record.path)?;

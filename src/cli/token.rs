@@ -33,9 +33,7 @@ pub(crate) async fn run(global: &Global, command: TokenCommand) -> Result<()> {
             let role: Role = role.parse()?;
             let token = Token::generate();
             let hash = token.hash();
-            let record = catalog
-                .run(move |c| c.create_token(&name, role, &hash))
-                .await?;
+            let record = catalog.create_token(&name, role, &hash).await?;
             eprintln!(
                 "created token '{}' (role {}); it is shown once, here:",
                 record.name,
@@ -45,14 +43,14 @@ pub(crate) async fn run(global: &Global, command: TokenCommand) -> Result<()> {
             println!("{}", token.secret());
         }
         TokenCommand::List => {
-            let tokens = catalog.run(|c| c.tokens()).await?;
+            let tokens = catalog.tokens().await?;
             println!("{:<32} {:<6} {:<24}", "name", "role", "created_at");
             for t in tokens {
                 println!("{:<32} {:<6} {:<24}", t.name, t.role.as_str(), t.created_at);
             }
         }
         TokenCommand::Revoke { name } => {
-            let record = catalog.run(move |c| c.revoke_token(&name)).await?;
+            let record = catalog.revoke_token(&name).await?;
             println!("revoked token '{}'", record.name);
         }
     }

@@ -22,12 +22,11 @@ async fn token(
     role: Role,
 ) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
     let token = Token::generate();
-    let (name, hash) = (name.to_string(), token.hash());
     server
         .server
         .planner()
         .catalog()
-        .run(move |c| c.create_token(&name, role, &hash))
+        .create_token(name, role, &token.hash())
         .await?;
     Ok(token.secret().to_string())
 }
@@ -156,7 +155,7 @@ async fn tokens_and_roles() -> TestResult {
         .server
         .planner()
         .catalog()
-        .run(|c| c.revoke_token("reader"))
+        .revoke_token("reader")
         .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

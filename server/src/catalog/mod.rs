@@ -243,7 +243,7 @@ impl Catalog {
     }
 
     /// Runs a store call on the blocking pool: SQLite may wait on another process's lock.
-    pub async fn run<T, F>(&self, call: F) -> Result<T>
+    async fn run<T, F>(&self, call: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&dyn CatalogStore) -> Result<T> + Send + 'static,
@@ -252,6 +252,74 @@ impl Catalog {
         tokio::task::spawn_blocking(move || call(store.as_ref()))
             .await
             .map_err(|e| Error::internal_from("catalog task failed", e))?
+    }
+
+    /// [`CatalogStore::register`], off the async runtime.
+    pub async fn register(&self, new: NewArtifact) -> Result<(ArtifactRecord, bool)> {
+        self.run(move |c| c.register(new)).await
+    }
+
+    /// [`CatalogStore::create_collection`], off the async runtime.
+    pub async fn create_collection(
+        &self,
+        key: &str,
+        member_keys: Vec<String>,
+        description: Option<String>,
+    ) -> Result<(CollectionRecord, bool)> {
+        let key = key.to_string();
+        self.run(move |c| c.create_collection(&key, &member_keys, description))
+            .await
+    }
+
+    /// [`CatalogStore::resolve`], off the async runtime.
+    pub async fn resolve(&self, key: &str, uid: Option<&str>) -> Result<Entry> {
+        let (key, uid) = (key.to_string(), uid.map(str::to_string));
+        self.run(move |c| c.resolve(&key, uid.as_deref())).await
+    }
+
+    /// [`CatalogStore::artifacts`], off the async runtime.
+    pub async fn artifacts(&self, uids: Vec<String>) -> Result<Vec<ArtifactRecord>> {
+        self.run(move |c| c.artifacts(&uids)).await
+    }
+
+    /// [`CatalogStore::list`], off the async runtime.
+    pub async fn list(&self, filter: RecordFilter) -> Result<Vec<Entry>> {
+        self.run(move |c| c.list(&filter)).await
+    }
+
+    /// [`CatalogStore::versions`], off the async runtime.
+    pub async fn versions(&self, key: &str) -> Result<Vec<Entry>> {
+        let key = key.to_string();
+        self.run(move |c| c.versions(&key)).await
+    }
+
+    /// [`CatalogStore::delete`], off the async runtime.
+    pub async fn delete(&self, key: &str, uid: Option<&str>, permanent: bool) -> Result<Deleted> {
+        let (key, uid) = (key.to_string(), uid.map(str::to_string));
+        self.run(move |c| c.delete(&key, uid.as_deref(), permanent))
+            .await
+    }
+
+    /// [`CatalogStore::artifact_paths`], off the async runtime.
+    pub async fn artifact_paths(&self) -> Result<Vec<String>> {
+        self.run(|c| c.artifact_paths()).await
+    }
+
+    /// [`CatalogStore::create_token`], off the async runtime.
+    pub async fn create_token(&self, name: &str, role: Role, hash: &str) -> Result<TokenRecord> {
+        let (name, hash) = (name.to_string(), hash.to_string());
+        self.run(move |c| c.create_token(&name, role, &hash)).await
+    }
+
+    /// [`CatalogStore::tokens`], off the async runtime.
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.run(|c| c.tokens()).await
+    }
+
+    /// [`CatalogStore::revoke_token`], off the async runtime.
+    pub async fn revoke_token(&self, name: &str) -> Result<TokenRecord> {
+        let name = name.to_string();
+        self.run(move |c| c.revoke_token(&name)).await
     }
 
     /// The store itself, for synchronous callers such as the command line.

@@ -1,5 +1,9 @@
 //! The embedded SQLite catalog: WAL mode, a busy timeout and immediate transactions, so that a
 //! server and the command line can write at once without corrupting it or failing spuriously.
+//!
+//! The file is long because it is one `CatalogStore`: each method is one transaction, and its SQL
+//! reads best beside the invariants it keeps (one latest version per key, uids never issued
+//! twice, members kept while a collection names them). The migrations open the file.
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -1,5 +1,5 @@
 //! SQL's `KEY/X`: a matrix in the long form (`obs_name`, `var_name`, `value`), with the name
-//! predicates of a query pushed into the matrix read (docs/PROTOCOL.md section 7: "with the same pushdown").
+//! predicates of a query pushed into the matrix read (docs/PROTOCOL.md section 7).
 //!
 //! `var_name = 'CD3E'` or `var_name IN (...)` becomes a variable selection, `obs_name = ...` or
 //! `obs_name IN (...)` a row selection, so only the chunks (or CSR ranges) of the named cells and

@@ -5,11 +5,14 @@
 mod command;
 mod long;
 mod plan;
+mod planned;
 mod prune;
 mod sql;
 mod ticket;
 
 pub use command::{Command, Layout};
-pub use plan::{Planned, Planner, Resolved, session_config, statistics, unify_schemas};
+pub use plan::{Planner, Resolved, session_config, statistics, unify_schemas};
+pub(crate) use planned::LeaseBag;
+pub use planned::Planned;
 pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlPlanner, SqlTable, Statement, TABLE_TYPE};
 pub use ticket::TicketSpec;

@@ -1,4 +1,5 @@
-//! DoAction bodies (docs/PROTOCOL.md section 8): JSON in, the record (or list of records) as JSON out.
+//! DoAction bodies (docs/PROTOCOL.md section 8): JSON in, the record (or list of records) as JSON
+//! out.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -139,9 +140,7 @@ pub async fn run(registry: &Registry, action: &str, body: &[u8], caller: Caller)
         }
         "describe" => {
             let r: KeyVersion = parse(action, body)?;
-            let entry = catalog
-                .run(move |c| c.resolve(&r.key, r.version.as_deref()))
-                .await?;
+            let entry = catalog.resolve(&r.key, r.version.as_deref()).await?;
             let mut value = entry.to_json();
             if let Entry::Artifact(record) = &entry
                 && let Some(structure) = registry.planner().describe(record, true).await?
@@ -161,7 +160,7 @@ pub async fn run(registry: &Registry, action: &str, body: &[u8], caller: Caller)
         }
         "list_versions" => {
             let r: Key = parse(action, body)?;
-            let versions = catalog.run(move |c| c.versions(&r.key)).await?;
+            let versions = catalog.versions(&r.key).await?;
             Ok(Value::Array(versions.iter().map(Entry::to_json).collect()))
         }
         "delete" => {

@@ -242,7 +242,7 @@ impl Authenticator {
         let found = match fresh {
             Some(found) => found,
             None => {
-                let tokens = self.catalog.run(|c| c.tokens()).await?;
+                let tokens = self.catalog.tokens().await?;
                 let tokens: HashMap<String, Identity> = tokens
                     .into_iter()
                     .map(|t: TokenRecord| {

@@ -3,6 +3,10 @@
 //! Reads are hyperslabs: one contiguous block per call, which libhdf5 turns into the fewest chunk
 //! or extent reads. libhdf5 is not thread-safe and the bindings serialise every call, so callers
 //! coalesce rows into large blocks rather than issuing many small reads.
+//!
+//! The file is long because it is one `ArrayStore` over one C library: the link checks, the
+//! direct reads of contiguous datasets and the type mapping all depend on libhdf5's handles,
+//! which stay private here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -118,11 +118,7 @@ impl SqlPlanner {
 
     /// Every table SQL can name, in name order.
     pub async fn tables(&self) -> Result<Vec<SqlTable>> {
-        let entries = self
-            .planner
-            .catalog()
-            .run(|c| c.list(&RecordFilter::default()))
-            .await?;
+        let entries = self.planner.catalog().list(RecordFilter::default()).await?;
         let mut tables: Vec<SqlTable> = entries.iter().flat_map(SqlTable::of).collect();
         tables.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(tables)
@@ -133,14 +129,8 @@ impl SqlPlanner {
     pub async fn table(&self, name: &str, uid: Option<&str>) -> Result<Option<SqlTable>> {
         let cuts = std::iter::once(name.len()).chain(name.rmatch_indices('/').map(|(i, _)| i));
         for cut in cuts {
-            let (key, rest) = (name[..cut].to_string(), &name[cut..]);
-            let uid = uid.map(str::to_string);
-            let entry = match self
-                .planner
-                .catalog()
-                .run(move |c| c.resolve(&key, uid.as_deref()))
-                .await
-            {
+            let (key, rest) = (&name[..cut], &name[cut..]);
+            let entry = match self.planner.catalog().resolve(key, uid).await {
                 Ok(entry) => entry,
                 Err(Error::NotFound(_)) => continue,
                 Err(e) => return Err(e),
@@ -171,13 +161,7 @@ impl SqlPlanner {
     ) -> Result<Arc<dyn TableProvider>> {
         let sources = match &table.entry {
             Entry::Artifact(a) => vec![a.clone()],
-            Entry::Collection(c) => {
-                let uids = c.members.clone();
-                self.planner
-                    .catalog()
-                    .run(move |c| c.artifacts(&uids))
-                    .await?
-            }
+            Entry::Collection(c) => self.planner.catalog().artifacts(c.members.clone()).await?,
         };
         let request = table.request.clone();
         let opened = self.planner.union(ctx, &sources, &request).await?;
@@ -201,7 +185,7 @@ impl SqlPlanner {
             .planner
             .config()
             .clone()
-            .with_extension(Arc::new(crate::query::plan::LeaseBag::default()));
+            .with_extension(Arc::new(crate::query::LeaseBag::default()));
         // Queries compute on string views: parquet strings decode without a copy and group keys
         // hash faster. Results go out as plain strings (`plain_types`).
         base.options_mut().execution.parquet.schema_force_view_types = true;

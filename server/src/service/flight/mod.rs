@@ -218,13 +218,7 @@ impl FlightHandler {
         }
         let (sources, rows) = match &entry {
             Entry::Artifact(a) => (Ok(vec![a.clone()]), a.n_observations),
-            Entry::Collection(c) => {
-                let uids = c.members.clone();
-                (
-                    planner.catalog().run(move |s| s.artifacts(&uids)).await,
-                    None,
-                )
-            }
+            Entry::Collection(c) => (planner.catalog().artifacts(c.members.clone()).await, None),
         };
         // Schemas recorded at registration answer without opening anything.
         let recorded = sources.as_ref().ok().and_then(|sources| {
@@ -316,10 +310,7 @@ impl FlightService for FlightHandler {
         self.allow(&request, Role::Read, "ListFlights").await?;
         let filter = RecordFilter::from_json_bytes(&request.get_ref().expression)?;
         let catalog = self.registry.planner().catalog();
-        let entries = self
-            .governor
-            .deadline(catalog.run(move |c| c.list(&filter)))
-            .await?;
+        let entries = self.governor.deadline(catalog.list(filter)).await?;
         let this = self.clone();
         let infos: BoxStream<'static, Result<FlightInfo, Status>> = stream::iter(entries)
             .then(move |entry| {

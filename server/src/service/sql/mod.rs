@@ -1,9 +1,12 @@
-//! The Flight SQL edge, served on the same port as plain Flight (docs/PROTOCOL.md section 7). The Flight
-//! handler routes every message whose command, ticket or action is Flight SQL's here.
+//! The Flight SQL edge, served on the same port as plain Flight (docs/PROTOCOL.md section 7).
+//! The Flight handler routes every message whose command, ticket or action is Flight SQL's here.
 //!
 //! Statements and prepared statements are planned by DataFusion over the same providers as Flight
 //! commands ([`crate::query::Statement`]); the server keeps no state per statement or session, so a
 //! handle or ticket stays valid across restarts.
+//!
+//! The file is long because `FlightSqlService` is one trait of some thirty methods, most a few
+//! lines; the fixed metadata tables are in [`metadata`].
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -10,8 +10,10 @@
 //! Every storage answers the same: rows and columns come in the order selected, a name repeated
 //! in `var_names` repeats its column, and an empty selection has zero width.
 //!
-//! This file opens a matrix, lays out its schema and builds each batch; [`dense`] and [`sparse`]
-//! read the two storages.
+//! This file lays out a selection's schema and builds each batch; [`stored`] opens a matrix,
+//! [`index`] does the position arithmetic, and [`dense`] and [`sparse`] read the two encodings.
+//! It is long because the schema and the batches of every output (four layouts, embeddings,
+//! pairs) must agree field by field, and read best side by side.
 
 use std::ops::Range;
 use std::sync::Arc;
