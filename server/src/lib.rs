@@ -13,7 +13,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod auth;
 pub mod catalog;
 mod dataframe;
 pub mod error;
@@ -23,6 +22,7 @@ pub mod query;
 pub mod registry;
 pub mod service;
 pub mod storage;
+pub mod token;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use artiflight_server::Server;
-use artiflight_server::auth::Token;
 use artiflight_server::catalog::Role;
+use artiflight_server::token::Token;
 use clap::Subcommand;
 
 use super::Global;

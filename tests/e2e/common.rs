@@ -121,17 +121,17 @@ pub(crate) async fn demo_server() -> Result<TestServer, Box<dyn std::error::Erro
 pub(crate) async fn register_demo(
     server: &TestServer,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let demo = demo_dir();
-    server
-        .server
-        .registry()
-        .register(
-            demo.to_str().unwrap_or_default(),
-            "sharded_parquet",
-            None,
-            true,
-        )
-        .await?;
+    register_path(server.server.registry(), &demo_dir(), "sharded_parquet").await
+}
+
+/// Registers `path` under `key` as the operator's command line does (any root).
+pub(crate) async fn register_path(
+    registry: &Registry,
+    path: &Path,
+    key: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let path = path.to_str().ok_or("a path that is not UTF-8")?;
+    registry.register(path, key, None, true).await?;
     Ok(())
 }
 

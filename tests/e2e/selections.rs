@@ -170,15 +170,7 @@ async fn sql_name_predicates_reach_the_matrix_read() -> TestResult {
 async fn sql_count_is_the_number_of_rows_a_full_read_returns() -> TestResult {
     let dir = tempfile::tempdir()?;
     let registry = column_chunked(dir.path()).await?;
-    let h5ad = demo_file("pbmc68k.h5ad");
-    registry
-        .register(
-            h5ad.to_str().unwrap_or_default(),
-            "pbmc68k.h5ad",
-            None,
-            true,
-        )
-        .await?;
+    register_path(&registry, &demo_file("pbmc68k.h5ad"), "pbmc68k.h5ad").await?;
     for table in [
         "cols.zarr/X",
         "cols.zarr/obs",

@@ -182,7 +182,7 @@ pub struct TokenRecord {
     /// Unique; the user name in basic auth.
     pub name: String,
     pub role: Role,
-    /// [`crate::auth::Token::hash_of`] the token; never listed.
+    /// [`crate::token::Token::hash_of`] the token; never listed.
     #[serde(skip)]
     pub hash: String,
     /// UTC, RFC 3339.

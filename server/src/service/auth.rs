@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::auth::Token;
 use crate::catalog::{Catalog, Role, TokenRecord};
 use crate::error::{Error, Result};
+use crate::token::Token;
 
 /// Who may do what: nobody is checked when auth is off.
 #[derive(Clone)]
@@ -53,13 +53,25 @@ impl Gate {
             )
         })?;
         let identity = verify(authenticator, credentials).await?;
-        if !identity.role.allows(needed) {
-            return Err(Error::PermissionDenied(format!(
-                "token '{}' may only read; {what} needs a write token",
-                identity.name
-            )));
-        }
+        permit(&identity, needed, what)?;
         Ok(Some(identity))
+    }
+
+    /// Checks a call that needs `needed`. The edge ([`CheckedFirst`]) verified the token before
+    /// the body was read and passed its `Identity` along in the request's extensions: then only
+    /// the role is checked here. A call that did not pass the edge is verified in full.
+    pub(super) async fn authorize(
+        &self,
+        metadata: &MetadataMap,
+        verified: Option<&Identity>,
+        needed: Role,
+        what: &str,
+    ) -> Result<()> {
+        match (&self.authenticator, verified) {
+            (None, _) => Ok(()),
+            (Some(_), Some(identity)) => permit(identity, needed, what),
+            (Some(_), None) => self.check(metadata, needed, what).await.map(|_| ()),
+        }
     }
 
     /// A Handshake: basic auth in the `authorization` header or in the payload (Flight's
@@ -143,7 +155,8 @@ fn credentials(metadata: &MetadataMap) -> Result<Option<Credentials>> {
 
 /// The Flight service behind a credentials check made from the request's headers alone, before
 /// its body is read: with auth on, a client without a valid token gets UNAUTHENTICATED without
-/// the server decoding (or buffering) anything it sent. Roles are checked by each call.
+/// the server decoding (or buffering) anything it sent. Roles are checked by each call, from the
+/// `Identity` this puts in the request's extensions.
 #[derive(Clone)]
 pub(super) struct CheckedFirst<S> {
     inner: S,
@@ -184,7 +197,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: tonic::codegen::http::Request<B>) -> Self::Future {
         // The service that was polled ready serves this call; a fresh clone takes its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -193,13 +206,29 @@ where
             let handshake = request.uri().path().ends_with("/Handshake");
             if !handshake && gate.authenticator.is_some() {
                 let metadata = MetadataMap::from_headers(request.headers().clone());
-                if let Err(e) = gate.check(&metadata, Role::Read, "this call").await {
-                    return Ok(tonic::Status::from(e).into_http());
+                match gate.check(&metadata, Role::Read, "this call").await {
+                    // The call checks only the role: the token is not verified twice.
+                    Ok(Some(identity)) => {
+                        request.extensions_mut().insert(identity);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Ok(tonic::Status::from(e).into_http()),
                 }
             }
             inner.call(request).await
         })
     }
+}
+
+/// PERMISSION_DENIED unless `identity`'s role allows `needed`.
+fn permit(identity: &Identity, needed: Role, what: &str) -> Result<()> {
+    if identity.role.allows(needed) {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(format!(
+        "token '{}' may only read; {what} needs a write token",
+        identity.name
+    )))
 }
 
 /// Who is calling: a token's name and role.

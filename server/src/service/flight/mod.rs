@@ -21,8 +21,7 @@ mod put;
 use put::PutBody;
 
 use super::actions;
-use super::auth::Authenticator;
-use super::auth::Gate;
+use super::auth::{Authenticator, Gate, Identity};
 use super::cancel::Cancels;
 use super::limits::{Governor, Limits};
 use super::plans::Plans;
@@ -32,7 +31,7 @@ use crate::catalog::Role;
 use crate::catalog::{Entry, RecordFilter};
 use crate::error::{Error, Result};
 use crate::formats::{self, ReadRequest};
-use crate::query::{Command, Planned, Resolved, TicketSpec};
+use crate::query::{Command, Planned, Planner, Resolved, TicketSpec};
 use crate::registry::Registry;
 
 /// Flight's own actions that the server answers besides its JSON actions and Flight SQL's.
@@ -52,7 +51,10 @@ const FLIGHT_ACTIONS: &[(&str, &str)] = &[
 /// The Flight service: one per server, cheap to clone.
 #[derive(Clone)]
 pub struct FlightHandler {
+    /// Registration, uploads and deletion (DoPut, actions).
     registry: Registry,
+    /// Planning and reading (GetFlightInfo, DoGet, ListFlights).
+    planner: Planner,
     sql: SqlService,
     cancels: Arc<Cancels>,
     plans: Arc<Plans>,
@@ -65,14 +67,12 @@ impl FlightHandler {
     pub fn new(registry: Registry, auth: bool, limits: Limits) -> Result<Self> {
         let cancels = Arc::new(Cancels::default());
         let plans = Arc::new(Plans::default());
-        let authenticator = auth.then(|| Authenticator::new(registry.planner().catalog().clone()));
+        let planner = registry.planner().clone();
+        let authenticator = auth.then(|| Authenticator::new(planner.catalog().clone()));
         Ok(Self {
-            sql: SqlService::new(
-                registry.planner().clone(),
-                Arc::clone(&cancels),
-                Arc::clone(&plans),
-            )?,
+            sql: SqlService::new(planner.clone(), Arc::clone(&cancels), Arc::clone(&plans))?,
             registry,
+            planner,
             cancels,
             plans,
             gate: Gate::new(authenticator),
@@ -90,10 +90,10 @@ impl FlightHandler {
 
     /// Checks the caller's credentials for a call that needs `role`.
     async fn allow<T>(&self, request: &Request<T>, role: Role, what: &str) -> Result<()> {
+        let verified = request.extensions().get::<Identity>();
         self.gate
-            .check(request.metadata(), role, what)
+            .authorize(request.metadata(), verified, role, what)
             .await
-            .map(|_| ())
     }
 
     /// The Flight SQL command in a descriptor, if it holds one.
@@ -116,7 +116,7 @@ impl FlightHandler {
 
     async fn plan(&self, descriptor: &FlightDescriptor) -> Result<(Command, Resolved, Planned)> {
         let command = Self::command(descriptor)?;
-        let planner = self.registry.planner();
+        let planner = &self.planner;
         let resolved = planner.resolve(&command).await?;
         let planned = planner.plan(&command, &resolved.sources).await?;
         Ok((command, resolved, planned))
@@ -132,12 +132,7 @@ impl FlightHandler {
         if !formats::format_of(&record.suffix).has_structure() {
             return None;
         }
-        self.registry
-            .planner()
-            .describe(record, false)
-            .await
-            .ok()
-            .flatten()
+        self.planner.describe(record, false).await.ok().flatten()
     }
 
     fn flight_info(
@@ -150,7 +145,7 @@ impl FlightHandler {
     ) -> Result<FlightInfo> {
         let uids: Vec<String> = resolved.sources.iter().map(|s| s.uid.clone()).collect();
         let partition_count = planned.endpoint_count();
-        let target_partitions = self.registry.planner().target_partitions();
+        let target_partitions = self.planner.target_partitions();
         let flight = rand::random::<u64>();
         let tickets: Vec<bytes::Bytes> = (0..partition_count)
             .map(|partition| {
@@ -199,7 +194,7 @@ impl FlightHandler {
 
     /// A listing entry: schema and counts where they come cheaply, the record as metadata.
     async fn list_entry(&self, entry: Entry) -> FlightInfo {
-        let planner = self.registry.planner();
+        let planner = &self.planner;
         let info = FlightInfo::new()
             .with_descriptor(FlightDescriptor::new_path(vec![entry.key().to_string()]))
             .with_total_bytes(-1)
@@ -309,7 +304,7 @@ impl FlightService for FlightHandler {
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
         self.allow(&request, Role::Read, "ListFlights").await?;
         let filter = RecordFilter::from_json_bytes(&request.get_ref().expression)?;
-        let catalog = self.registry.planner().catalog();
+        let catalog = self.planner.catalog();
         let entries = self.governor.deadline(catalog.list(filter)).await?;
         let this = self.clone();
         let infos: BoxStream<'static, Result<FlightInfo, Status>> = stream::iter(entries)
@@ -392,7 +387,7 @@ impl FlightService for FlightHandler {
                     return Ok(self.sql.do_get(request).await?.into_inner());
                 }
                 let spec = TicketSpec::decode(&ticket)?;
-                let planner = self.registry.planner().with_partitions(spec.target_partitions);
+                let planner = self.planner.with_partitions(spec.target_partitions);
                 let sources = planner.sources(spec.uids.clone()).await?;
                 let planned = planner.plan(&spec.command, &sources).await?;
                 if planned.endpoint_count() != spec.partition_count {

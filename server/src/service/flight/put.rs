@@ -16,6 +16,7 @@ use super::FlightHandler;
 use crate::catalog::{Entry, Role};
 use crate::error::{Error, Result};
 use crate::service::actions;
+use crate::service::auth::Identity;
 
 impl FlightHandler {
     pub(super) async fn put(&self, request: Request<Streaming<FlightData>>) -> Result<PutBody> {
@@ -23,6 +24,7 @@ impl FlightHandler {
         // the role is checked once the first message says which it is.
         self.allow(&request, Role::Read, "DoPut").await?;
         let metadata = request.metadata().clone();
+        let verified = request.extensions().get::<Identity>().cloned();
         let mut input = request.into_inner();
         let first = input
             .message()
@@ -44,7 +46,9 @@ impl FlightHandler {
         if let Some(command) = Self::sql_command(&descriptor) {
             return self.put_sql(command, data.boxed()).await;
         }
-        self.gate.check(&metadata, Role::Write, "DoPut").await?;
+        self.gate
+            .authorize(&metadata, verified.as_ref(), Role::Write, "DoPut")
+            .await?;
         let (key, add_column) = match (
             DescriptorType::try_from(descriptor.r#type),
             descriptor.path.as_slice(),

@@ -6,7 +6,7 @@
 //! only ever sees the hash, so a copy of `catalog.sqlite` lets nobody in.
 //!
 //! ```
-//! use artiflight_server::auth::Token;
+//! use artiflight_server::token::Token;
 //! use artiflight_server::catalog::Role;
 //! let token = Token::generate();
 //! assert!(token.secret().starts_with("afl_"));
