@@ -48,12 +48,12 @@ class Row:
 
 
 def print_rows(rows: list[Row]):
-    print(f"{'case':<34} {'measure':<34} {'ours':>10} {'peer':>10} {'unit':<5} {'ratio':>6} "
+    print(f"{'case':<36} {'measure':<46} {'ours':>10} {'peer':>10} {'unit':<5} {'ratio':>6} "
           f"{'target':>8} {'met':>6}  peer / note")
     for r in rows:
         peer = f"{r.peer:>10.3f}" if r.peer is not None else f"{'':>10}"
         ratio = f"{r.ratio:>6.2f}" if r.ratio is not None else f"{'':>6}"
-        print(f"{r.case:<34} {r.measure:<34} {r.ours:>10.3f} {peer} {r.unit:<5} {ratio} "
+        print(f"{r.case:<36} {r.measure:<46} {r.ours:>10.3f} {peer} {r.unit:<5} {ratio} "
               f"{r.target:>8} {r.met:>6}  {'; '.join(x for x in [r.peer_name, r.note] if x)}")
 
 
