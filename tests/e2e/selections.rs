@@ -61,6 +61,37 @@ async fn column_chunked(
 }
 
 #[tokio::test]
+async fn rows_far_apart_in_a_chunk_are_decoded_alone_and_right() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    // Chunks of 50 rows x 100 columns: rows 0 and 37 share a chunk, 74 is in the next one; the
+    // variables span three column chunks, in an order of their own.
+    let store = write_zarr_anndata_chunked(&dir.path().join("rows.zarr"), 100, 1000, [50, 100]);
+    let registry = registry_with(&dir.path().join("data"), default_config());
+    register_path(&registry, &store, "rows.zarr").await?;
+    for var_names in [json!(["gene999", "gene0", "gene150", "gene0"]), json!(null)] {
+        let mut command = json!({"key": "rows.zarr", "element": ["X"], "filter": "n % 37 = 0"});
+        if !var_names.is_null() {
+            command["var_names"] = var_names.clone();
+        }
+        let (batches, _) = run(&registry, command).await?;
+        let rows = dense_rows(&batches);
+        let cols: Vec<u64> = match var_names.as_array() {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| n.as_str()?.strip_prefix("gene")?.parse().ok())
+                .collect(),
+            None => (0..1000).collect(),
+        };
+        let want: Vec<Vec<f32>> = [0u64, 37, 74]
+            .iter()
+            .map(|&r| cols.iter().map(|&c| (r * 1000 + c) as f32).collect())
+            .collect();
+        assert_eq!(rows, want, "var_names {var_names}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_sparse_column_selection_reads_only_its_column_chunks() -> TestResult {
     let dir = tempfile::tempdir()?;
     let registry = column_chunked(dir.path()).await?;

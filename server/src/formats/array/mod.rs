@@ -147,6 +147,13 @@ pub(crate) trait ArrayStore: Send + Sync + fmt::Debug {
     /// flat Arrow array of the array's [`Dtype`]. A 0-dimensional array has empty `start`/`count`.
     fn read(&self, path: &str, start: &[u64], count: &[u64]) -> Result<ArrayRef>;
 
+    /// Reads `rows` (ascending, unique) of a 2-D array, columns `cols`: `rows.len()` rows of
+    /// `cols` values, row-major. The default reads the block from the first row to the last and
+    /// keeps the rows asked for; a store that can decode parts of a chunk reads less.
+    fn read_row_selection(&self, path: &str, rows: &[u64], cols: Range<u64>) -> Result<ArrayRef> {
+        read_row_selection_by_block(self, path, rows, cols)
+    }
+
     /// What the store has read since it was opened.
     fn metrics(&self) -> ReadMetrics;
 
@@ -326,6 +333,30 @@ pub(crate) fn check_shape(location: &str, path: &str, shape: &[u64]) -> Result<(
 }
 
 /// Refuses a read of `count` elements of `dtype` larger than [`MAX_READ_BYTES`].
+/// [`ArrayStore::read_row_selection`] through one block read, from the first row to the last.
+pub(crate) fn read_row_selection_by_block<S: ArrayStore + ?Sized>(
+    store: &S,
+    path: &str,
+    rows: &[u64],
+    cols: Range<u64>,
+) -> Result<ArrayRef> {
+    let width = cols.end.saturating_sub(cols.start);
+    let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else {
+        return store.read(path, &[0, cols.start], &[0, width]);
+    };
+    let span = last - first + 1;
+    let block = store.read(path, &[first, cols.start], &[span, width])?;
+    if rows.len() as u64 == span {
+        return Ok(block);
+    }
+    let take = arrow::array::UInt64Array::from_iter_values(
+        rows.iter()
+            .flat_map(|&r| (0..width).map(move |c| (r - first) * width + c)),
+    );
+    arrow::compute::take(&block, &take, None)
+        .map_err(|e| Error::internal_from(format!("rows of '{path}'"), e))
+}
+
 pub(crate) fn check_read(location: &str, path: &str, count: &[u64], dtype: Dtype) -> Result<()> {
     let bytes = count
         .iter()

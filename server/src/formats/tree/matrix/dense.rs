@@ -65,20 +65,23 @@ impl MatrixSource {
         let reads: Vec<(usize, usize)> = (0..row_runs.len())
             .flat_map(|k| (0..col_runs.len()).map(move |j| (k, j)))
             .collect();
+        // Each read returns exactly its run's rows (compact, in order) of its columns.
         let read_one = |&(k, j): &(usize, usize)| -> Result<ArrayRef> {
             let run = row_runs[k];
-            let (first, last) = (run[0], run[run.len() - 1]);
             let cols = &col_runs[j];
-            let (start, count) = if two_d {
-                (
-                    vec![first, cols.start],
-                    vec![last - first + 1, cols.end - cols.start],
-                )
+            let part = if two_d {
+                self.store.read_row_selection(path, run, cols.clone())?
             } else {
-                (vec![first], vec![last - first + 1])
+                let (first, last) = (run[0], run[run.len() - 1]);
+                let block = self.store.read(path, &[first], &[last - first + 1])?;
+                if last - first + 1 == run.len() as u64 {
+                    block
+                } else {
+                    let idx = UInt64Array::from_iter_values(run.iter().map(|r| r - first));
+                    take(&block, &idx, None).map_err(|e| self.fail(e))?
+                }
             };
-            let part = self.store.read(path, &start, &count)?;
-            let expected = (last - first + 1) * (cols.end - cols.start);
+            let expected = run.len() as u64 * (cols.end - cols.start);
             if part.len() as u64 != expected {
                 return Err(self.fail(format!(
                     "a read of {expected} values returned {}",
@@ -95,9 +98,6 @@ impl MatrixSource {
         } else {
             reads.iter().map(read_one).collect::<Result<_>>()?
         };
-        let rows_whole = row_runs
-            .iter()
-            .all(|run| run[run.len() - 1] - run[0] + 1 == run.len() as u64);
         let cols_whole = match &self.cols {
             None => true,
             Some(cols) => {
@@ -109,7 +109,7 @@ impl MatrixSource {
                         .all(|(i, &c)| c == col_runs[0].start + i as u64)
             }
         };
-        if parts.len() == 1 && rows_whole && cols_whole {
+        if parts.len() == 1 && cols_whole {
             return Ok(Arc::clone(&parts[0]));
         }
         let all = concat_or_empty(&parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
@@ -123,18 +123,16 @@ impl MatrixSource {
         let n_out = rows.len().saturating_mul(self.n_cols as usize);
         let mut take_idx: Vec<u64> = Vec::with_capacity(n_out);
         for (k, run) in row_runs.iter().enumerate() {
-            let first = run[0];
-            for &r in *run {
+            for i in 0..run.len() as u64 {
                 match &col_place {
                     None => {
-                        let row_base = base[k * col_runs.len()] + (r - first) * width;
+                        let row_base = base[k * col_runs.len()] + i * width;
                         take_idx.extend((0..width).map(|c| row_base + c));
                     }
                     Some(place) => {
                         for &(j, offset) in place {
                             let len = col_runs[j].end - col_runs[j].start;
-                            take_idx
-                                .push(base[k * col_runs.len() + j] + (r - first) * len + offset);
+                            take_idx.push(base[k * col_runs.len() + j] + i * len + offset);
                         }
                     }
                 }
