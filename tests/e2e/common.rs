@@ -263,6 +263,18 @@ pub(crate) fn write_zarr_anndata_chunked(
     n_vars: u64,
     chunks: [u64; 2],
 ) -> PathBuf {
+    write_zarr_anndata_blosc(path, n_obs, n_vars, chunks, None)
+}
+
+/// [`write_zarr_anndata_chunked`], X compressed with blosc (lz4, byte shuffle) in blocks of
+/// `blosc_block` bytes when given, as zarr-python writes it.
+pub(crate) fn write_zarr_anndata_blosc(
+    path: &Path,
+    n_obs: u64,
+    n_vars: u64,
+    chunks: [u64; 2],
+    blosc_block: Option<usize>,
+) -> PathBuf {
     use zarrs::array::{ArrayBuilder, ArraySubset, data_type};
     use zarrs::group::GroupBuilder;
     let store = Arc::new(zarrs::filesystem::FilesystemStore::new(path).expect("zarr store"));
@@ -310,14 +322,28 @@ pub(crate) fn write_zarr_anndata_chunked(
             .expect("write n");
         }
     }
-    let x = ArrayBuilder::new(
+    let mut x = ArrayBuilder::new(
         vec![n_obs, n_vars],
         chunks.to_vec(),
         data_type::float32(),
         0f32,
-    )
-    .build(store.clone(), "/X")
-    .expect("X");
+    );
+    if let Some(block) = blosc_block {
+        use zarrs::array::codec::bytes_to_bytes::blosc::{
+            BloscCodec, BloscCompressionLevel, BloscCompressor, BloscShuffleMode,
+        };
+        let level = BloscCompressionLevel::try_from(5u8).expect("a level");
+        let blosc = BloscCodec::new(
+            BloscCompressor::LZ4,
+            level,
+            Some(block),
+            BloscShuffleMode::Shuffle,
+            Some(4),
+        )
+        .expect("blosc");
+        x.bytes_to_bytes_codecs(vec![Arc::new(blosc)]);
+    }
+    let x = x.build(store.clone(), "/X").expect("X");
     x.store_metadata().expect("metadata");
     let values: Vec<f32> = (0..n_obs)
         .flat_map(|r| (0..n_vars).map(move |c| (r * 1000 + c) as f32))
