@@ -113,6 +113,10 @@ impl MatrixSource {
             return Ok(Arc::clone(&parts[0]));
         }
         let all = concat_or_empty(&parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
+        // Every column in stored order: the parts are the selected rows in order already.
+        if col_place.is_none() {
+            return Ok(all);
+        }
         // Where each part starts in `all`.
         let mut base = Vec::with_capacity(parts.len());
         let mut at = 0u64;
