@@ -441,6 +441,10 @@ impl ArrayStore for Hdf5Store {
         Ok(array)
     }
 
+    fn concurrent_reads(&self, path: &str) -> bool {
+        matches!(self.direct(path.trim_matches('/')), Ok(Some(_)))
+    }
+
     fn fingerprint(&self) -> Option<u64> {
         Some(super::files_fingerprint(std::iter::once(
             self.path.as_path(),

@@ -154,6 +154,13 @@ pub(crate) trait ArrayStore: Send + Sync + fmt::Debug {
         read_row_selection_by_block(self, path, rows, cols)
     }
 
+    /// Whether reads of `path` gain from running on several threads at once. libhdf5 serialises
+    /// its calls behind one lock, and threads queueing on it cost more than they save; direct
+    /// reads of contiguous HDF5 datasets and zarr chunks run in parallel.
+    fn concurrent_reads(&self, _path: &str) -> bool {
+        true
+    }
+
     /// What the store has read since it was opened.
     fn metrics(&self) -> ReadMetrics;
 

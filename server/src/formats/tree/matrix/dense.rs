@@ -90,9 +90,9 @@ impl MatrixSource {
             }
             Ok(part)
         };
-        // Reads run on every core: zarr decodes chunks in parallel, and contiguous HDF5 is read
-        // with `pread` (other HDF5 reads queue on libhdf5's lock, which costs nothing more).
-        let parts: Vec<ArrayRef> = if reads.len() > 1 {
+        // Reads run on every core where the store gains from it: zarr decodes chunks in parallel,
+        // contiguous HDF5 is read with `pread`; other HDF5 reads would queue on libhdf5's lock.
+        let parts: Vec<ArrayRef> = if reads.len() > 1 && self.store.concurrent_reads(path) {
             use rayon::prelude::*;
             reads.par_iter().map(read_one).collect::<Result<_>>()?
         } else {
