@@ -201,3 +201,21 @@ impl From<Error> for DataFusionError {
         DataFusionError::External(Box::new(error))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn the_chain_names_each_cause_once() {
+        let io = std::io::Error::other("disk on fire");
+        let error = Error::internal_from("writing the catalog", io);
+        assert_eq!(
+            error.chain(),
+            "internal error: writing the catalog: disk on fire"
+        );
+        // A cause already in the message is not repeated.
+        let error = Error::io("/tmp/x", std::io::Error::other("gone"));
+        assert_eq!(error.chain(), "I/O error at /tmp/x: gone");
+    }
+}

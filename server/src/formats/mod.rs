@@ -224,3 +224,53 @@ pub fn format_for(located: &Located, suffix: &str) -> Result<&'static dyn Format
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Layout, format_of};
+    use crate::error::Error;
+
+    fn path(parts: &[&str]) -> Vec<String> {
+        parts.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn a_record_suffix_picks_its_format() {
+        for suffix in [".h5ad", ".h5", ".zarr"] {
+            assert!(format_of(suffix).has_structure(), "{suffix}");
+        }
+        // A folder of shards and plain files read as one table.
+        for suffix in ["", ".parquet", ".csv", ".arrow"] {
+            let format = format_of(suffix);
+            assert!(!format.has_structure(), "{suffix}");
+            assert_eq!(format.sql_tables(None), vec![Vec::<String>::new()]);
+            assert!(matches!(format.sql_request("k", &[]), Ok(Some(_))));
+            assert!(matches!(format.sql_request("k", &path(&["obs"])), Ok(None)));
+        }
+    }
+
+    #[test]
+    fn an_anndata_shows_its_elements_to_sql() -> Result<(), Box<dyn std::error::Error>> {
+        let tree = format_of(".h5ad");
+        assert_eq!(
+            tree.sql_tables(Some("AnnData")),
+            vec![path(&["obs"]), path(&["var"]), path(&["X"])]
+        );
+        // SpatialData and other trees list no tables, yet a SpatialData table reads by its path.
+        assert!(tree.sql_tables(Some("SpatialData")).is_empty());
+        assert!(tree.sql_tables(None).is_empty());
+        let x = tree
+            .sql_request("k", &path(&["X"]))?
+            .ok_or("X is a table")?;
+        assert_eq!(x.layout, Some(Layout::Long));
+        let obs = tree.sql_request("k", &path(&["tables", "t", "obs"]))?;
+        assert_eq!(obs.map(|r| r.layout), Some(None));
+        assert!(tree.sql_request("k", &path(&["uns"]))?.is_none());
+        // The bare key names no one table: the error says which do.
+        match tree.sql_request("k", &[]) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("\"k/obs\""), "{m}"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        Ok(())
+    }
+}
