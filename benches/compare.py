@@ -15,6 +15,8 @@ pyarrow.dataset (what a Python user would write instead), and a local pyarrow.da
 
 import argparse
 import json
+import multiprocessing
+import os
 import pathlib
 import re
 import sys
@@ -245,6 +247,60 @@ def run(args) -> list[Row]:
     return rows
 
 
+def pin(pid: int, cpus: set[int]):
+    """Pins every thread of process `pid` (threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that just ended
+            pass
+
+
+def serve_peer_pinned(folder: str, ports, cpu: int):
+    """The peer in a process of its own, pinned to `cpu` (for the pinned full scan)."""
+    os.sched_setaffinity(0, {cpu})
+    peer = PyarrowServer(pathlib.Path(folder))
+    ports.put(peer.port)
+    peer.serve()
+
+
+def pinned_apart(args, folder, url, server_pid) -> list[Row]:
+    """Case 1 with the server on core 0 and the client on core 1: two machines in miniature, so
+    that neither side's CPU is the other's."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        return []
+    server_cpu, client_cpu = sorted(cpus)[:2]
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    peer = ctx.Process(target=serve_peer_pinned, args=(str(folder), ports, server_cpu), daemon=True)
+    peer.start()
+    peer_url = f"grpc://127.0.0.1:{ports.get(timeout=120)}"
+    try:
+        pin(server_pid, {server_cpu})
+        pin(os.getpid(), {client_cpu})
+        local = best(lambda: (lambda t0, t: (time.perf_counter() - t0, t.num_rows, t.nbytes))(
+            time.perf_counter(), ds.dataset(folder, format="parquet", partitioning="hive").to_table()),
+            args.repeat)
+        theirs = best(lambda: fetch(peer_url, peer_cmd(), False), args.repeat)
+        par = best(lambda: fetch(url, ours_cmd(), True), args.repeat)
+    finally:
+        pin(os.getpid(), cpus)
+        pin(server_pid, cpus)
+        peer.terminate()
+        peer.join(timeout=30)
+    for name, r in [("local", local), ("peer", theirs), ("par", par)]:
+        assert r[1] == args.rows, (name, r[1])
+    gbps = lambda r: r[2] / r[0] / 1e9  # noqa: E731
+    what = "GB/s, server on core 0, client on core 1"
+    return [
+        Row("1 full scan, pinned apart", what, gbps(par), gbps(theirs), "GB/s", ">= 1.5",
+            "pyarrow Flight server (Python), pinned alike"),
+        Row("1 full scan, pinned apart", what, gbps(par), gbps(local), "GB/s", ">= 1.0",
+            "local pyarrow.dataset on core 1"),
+    ]
+
+
 def full_scan(args, folder, url, peer_url, server_pid) -> list[Row]:
     """Case 1."""
     ds.dataset(folder, format="parquet", partitioning="hive").to_table()  # warm the page cache
@@ -272,7 +328,7 @@ def full_scan(args, folder, url, peer_url, server_pid) -> list[Row]:
             "GB/s", ">= 1.0", "local pyarrow.dataset"),
         Row("1 full scan", "GB/s, endpoints in sequence", gbps(seq), gbps(theirs),
             "GB/s", "", "pyarrow Flight server (Python)"),
-    ]
+    ] + pinned_apart(args, folder, url, server_pid)
 
 
 def selective(args, url, peer_url, ours_f, peer_f, lo, hi) -> Row:
