@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use anyhow::Result;
-use artiflight_server::catalog::Entry;
 use serde_json::json;
 
 use super::backend::Backend;
@@ -20,20 +19,13 @@ pub(crate) async fn run(global: &Global, key: &str, version: Option<String>) -> 
         print!("{}", structure_repr(structure));
         return Ok(());
     }
-    // Folders: the tree of their files, when the catalog is at hand.
-    if let Backend::Local(server) = &backend {
-        let entry = server
-            .planner()
-            .catalog()
-            .resolve(key, version.as_deref())
-            .await?;
-        if let Entry::Artifact(record) = entry {
-            let url = url::Url::parse(&record.path)?;
-            let located = server.planner().storage().locate(&url).await?;
-            if located.is_folder {
-                let paths: Vec<&str> = located.files.iter().map(|f| located.relative(f)).collect();
-                print!("{}", file_tree(&paths));
-            }
+    // An artifact's folder: the tree of its files, when the storage is at hand.
+    if let (Backend::Local(server), Some(path)) = (&backend, record["path"].as_str()) {
+        let url = url::Url::parse(path)?;
+        let located = server.planner().storage().locate(&url).await?;
+        if located.is_folder {
+            let paths: Vec<&str> = located.files.iter().map(|f| located.relative(f)).collect();
+            print!("{}", file_tree(&paths));
         }
     }
     Ok(())

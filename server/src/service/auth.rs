@@ -1,15 +1,13 @@
 //! Credentials at the gRPC edge: the `authorization` header of every call, and Flight's Handshake
 //! with basic auth, which answers with the bearer token to use from then on.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use prost::Message;
 use tonic::metadata::MetadataMap;
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::catalog::{Catalog, Role, TokenRecord};
 use crate::error::{Error, Result};

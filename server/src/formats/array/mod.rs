@@ -339,7 +339,6 @@ pub(crate) fn check_shape(location: &str, path: &str, shape: &[u64]) -> Result<(
     Ok(())
 }
 
-/// Refuses a read of `count` elements of `dtype` larger than [`MAX_READ_BYTES`].
 /// [`ArrayStore::read_row_selection`] through one block read, from the first row to the last.
 pub(crate) fn read_row_selection_by_block<S: ArrayStore + ?Sized>(
     store: &S,
@@ -364,6 +363,7 @@ pub(crate) fn read_row_selection_by_block<S: ArrayStore + ?Sized>(
         .map_err(|e| Error::internal_from(format!("rows of '{path}'"), e))
 }
 
+/// Refuses a read of `count` elements of `dtype` larger than [`MAX_READ_BYTES`].
 pub(crate) fn check_read(location: &str, path: &str, count: &[u64], dtype: Dtype) -> Result<()> {
     let bytes = count
         .iter()

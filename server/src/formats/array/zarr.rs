@@ -283,9 +283,9 @@ impl ArrayStore for ZarrStore {
         Ok(values)
     }
 
-    /// Rows scattered through chunks are decoded alone where the codecs allow it (blosc blocks,
-    /// the inner chunks of a shard): a 1 % selection from 1,000-row chunks then decodes a few
-    /// blosc blocks per chunk instead of every chunk whole, and copies no block it then drops.
+    /// Rows scattered through a chunk are decoded alone through zarrs' partial decoders (blosc
+    /// by its blocks): a 1 % selection from 1,000-row chunks then decodes a few blosc blocks per
+    /// chunk instead of every chunk whole, and copies no block it then drops.
     fn read_row_selection(&self, path: &str, rows: &[u64], cols: Range<u64>) -> Result<ArrayRef> {
         let trimmed = path.trim_matches('/');
         let array = self.open_array(trimmed)?;
@@ -312,7 +312,8 @@ impl ArrayStore for ZarrStore {
             data_loss(&self.location, format!("reading '{trimmed}': {e}"))
         };
         let size = usize::try_from(dtype.width()).map_err(|e| fail(&e))?;
-        let row_bytes = usize::try_from(width).map_err(|e| fail(&e))? * size;
+        let width_len = usize::try_from(width).map_err(|e| fail(&e))?;
+        let row_bytes = width_len * size;
         let mut out = vec![0u8; rows.len() * row_bytes];
         let grid = array.chunk_grid();
         let mut at = 0;
@@ -364,7 +365,7 @@ impl ArrayStore for ZarrStore {
         }
         self.check_present(trimmed)?;
         let data = arrow::array::ArrayData::builder(dtype.arrow())
-            .len(rows.len() * usize::try_from(width).map_err(|e| fail(&e))?)
+            .len(rows.len() * width_len)
             .add_buffer(arrow::buffer::Buffer::from_vec(out))
             .align_buffers(true)
             .build()

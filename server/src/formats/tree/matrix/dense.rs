@@ -114,9 +114,9 @@ impl MatrixSource {
         }
         let all = concat_or_empty(&parts, &self.dtype.arrow()).map_err(|e| self.fail(e))?;
         // Every column in stored order: the parts are the selected rows in order already.
-        if col_place.is_none() {
+        let Some(place) = col_place else {
             return Ok(all);
-        }
+        };
         // Where each part starts in `all`.
         let mut base = Vec::with_capacity(parts.len());
         let mut at = 0u64;
@@ -128,17 +128,9 @@ impl MatrixSource {
         let mut take_idx: Vec<u64> = Vec::with_capacity(n_out);
         for (k, run) in row_runs.iter().enumerate() {
             for i in 0..run.len() as u64 {
-                match &col_place {
-                    None => {
-                        let row_base = base[k * col_runs.len()] + i * width;
-                        take_idx.extend((0..width).map(|c| row_base + c));
-                    }
-                    Some(place) => {
-                        for &(j, offset) in place {
-                            let len = col_runs[j].end - col_runs[j].start;
-                            take_idx.push(base[k * col_runs.len() + j] + i * len + offset);
-                        }
-                    }
+                for &(j, offset) in &place {
+                    let len = col_runs[j].end - col_runs[j].start;
+                    take_idx.push(base[k * col_runs.len() + j] + i * len + offset);
                 }
             }
         }
