@@ -45,6 +45,8 @@ pub struct ReadRequest {
     pub var_filter: Option<String>,
     pub var_names: Option<Vec<String>>,
     pub obs_range: Option<[u64; 2]>,
+    /// Rows of `obs` by position, as validated runs (see `query::Command`).
+    pub obs_ranges: Option<Vec<[u64; 2]>>,
     pub layout: Option<Layout>,
 }
 
@@ -65,6 +67,8 @@ impl ReadRequest {
             Some("var_names")
         } else if self.obs_range.is_some() {
             Some("obs_range")
+        } else if self.obs_ranges.is_some() {
+            Some("obs_ranges")
         } else if self.layout.is_some() {
             Some("layout")
         } else {

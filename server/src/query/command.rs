@@ -40,6 +40,10 @@ pub struct Command {
     pub var_names: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub obs_range: Option<[u64; 2]>,
+    /// Rows of `obs` by position: half-open `[start, stop)` ranges, ascending and apart, so a
+    /// mask computed on the client travels as its runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obs_ranges: Option<Vec<[u64; 2]>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +94,9 @@ impl Command {
                 "obs_range [{start}, {stop}) is empty or reversed"
             )));
         }
+        if let Some(ranges) = &self.obs_ranges {
+            check_ranges(ranges)?;
+        }
         Ok(())
     }
 
@@ -107,9 +114,31 @@ impl Command {
             var_filter: self.var_filter.clone(),
             var_names: self.var_names.clone(),
             obs_range: self.obs_range,
+            obs_ranges: self.obs_ranges.clone(),
             layout: self.layout,
         }
     }
+}
+
+/// `obs_ranges` must be non-empty ranges in ascending order that do not overlap, so that the
+/// server never sorts or merges them (runs that touch are accepted).
+fn check_ranges(ranges: &[[u64; 2]]) -> Result<()> {
+    let mut end = None;
+    for (i, &[start, stop]) in ranges.iter().enumerate() {
+        if start >= stop {
+            return Err(Error::invalid(format!(
+                "obs_ranges[{i}] [{start}, {stop}) is empty or reversed"
+            )));
+        }
+        if end.is_some_and(|end| start < end) {
+            return Err(Error::invalid(format!(
+                "obs_ranges[{i}] [{start}, {stop}) starts before the range before it ends: \
+                 ranges must be ascending and must not overlap"
+            )));
+        }
+        end = Some(stop);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -128,6 +157,10 @@ mod tests {
             b"{\"key\": \"a\", \"unknown\": 1}",
             b"{\"query\": {\"nope\": 1}}",
             b"\xff\xfe",
+            b"{\"key\": \"a\", \"obs_ranges\": [[3, 3]]}",
+            b"{\"key\": \"a\", \"obs_ranges\": [[5, 9], [2, 4]]}",
+            b"{\"key\": \"a\", \"obs_ranges\": [[0, 5], [4, 6]]}",
+            b"{\"key\": \"a\", \"obs_ranges\": [[0, 4, 6]]}",
         ] {
             assert!(
                 Command::from_json(bad).is_err(),

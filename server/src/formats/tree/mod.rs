@@ -277,28 +277,40 @@ impl Element<'_> {
                 } else {
                     ("obs", "obs_names")
                 };
-                let mut df =
-                    if is_var && (request.var_names.is_some() || request.var_filter.is_some()) {
-                        // The selected variables, in the order `var_names` gives them.
-                        let frame = self.frame(path, index, false).await?;
-                        let columns = BlockSource::schema(&frame)
-                            .fields()
-                            .iter()
-                            .map(|f| f.name().clone())
-                            .collect();
-                        let (_, batch) = self.select_vars_with(columns).await?;
-                        let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
-                        self.ctx.read_table(Arc::new(table))?
-                    } else {
-                        let frame = self.frame(path, index, false).await?;
-                        let frame = match (is_var, request.obs_range) {
-                            (false, Some([a, b])) => frame.restrict(a..b),
-                            _ => frame,
-                        };
-                        let parts = frame.len().div_ceil(1 << 20).max(1);
-                        self.ctx.read_table(frame_table(frame, parts))?
+                let mut filtered = false;
+                let mut df = if !is_var && request.obs_ranges.is_some() {
+                    // Rows by position: selected where the positions are known.
+                    let frame = self.frame(path, index, false).await?;
+                    let columns = BlockSource::schema(&frame)
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect();
+                    let (_, batch) = self.select_obs_with(columns).await?;
+                    filtered = true;
+                    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+                    self.ctx.read_table(Arc::new(table))?
+                } else if is_var && (request.var_names.is_some() || request.var_filter.is_some()) {
+                    // The selected variables, in the order `var_names` gives them.
+                    let frame = self.frame(path, index, false).await?;
+                    let columns = BlockSource::schema(&frame)
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect();
+                    let (_, batch) = self.select_vars_with(columns).await?;
+                    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
+                    self.ctx.read_table(Arc::new(table))?
+                } else {
+                    let frame = self.frame(path, index, false).await?;
+                    let frame = match (is_var, request.obs_range) {
+                        (false, Some([a, b])) => frame.restrict(a..b),
+                        _ => frame,
                     };
-                if let Some(filter) = &request.filter {
+                    let parts = frame.len().div_ceil(1 << 20).max(1);
+                    self.ctx.read_table(frame_table(frame, parts))?
+                };
+                if let Some(filter) = request.filter.as_ref().filter(|_| !filtered) {
                     df = apply_filter(self.ctx, df, filter)?;
                 }
                 if let Some(columns) = &request.columns {

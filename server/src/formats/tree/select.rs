@@ -18,15 +18,35 @@ impl Element<'_> {
     /// Rows of `obs` that the request selects (`obs_range`, `filter`), ascending, with their
     /// names and the requested `columns`.
     pub(super) async fn select_obs(&self) -> Result<(Vec<u64>, RecordBatch)> {
-        let frame = self.frame("obs", "obs_names", true).await?;
-        let frame = match self.request.obs_range {
-            Some([a, b]) => frame.restrict(a..b),
-            None => frame,
-        };
         let mut columns = vec!["obs_names".to_string()];
         columns.extend(self.request.columns.iter().flatten().cloned());
-        self.select(frame, self.request.filter.as_deref(), columns)
-            .await
+        self.select_obs_with(columns).await
+    }
+
+    /// [`Self::select_obs`], with `columns` of obs for each row.
+    pub(super) async fn select_obs_with(
+        &self,
+        columns: Vec<String>,
+    ) -> Result<(Vec<u64>, RecordBatch)> {
+        let mut frame = self.frame("obs", "obs_names", true).await?;
+        if let Some([a, b]) = self.request.obs_range {
+            frame = frame.restrict(a..b);
+        }
+        let ranges = self.request.obs_ranges.as_deref();
+        // Only the span of the ranges is read; rows between them are dropped below.
+        if let (Some([first, _]), Some([_, last])) = (
+            ranges.and_then(|r| r.first()),
+            ranges.and_then(|r| r.last()),
+        ) {
+            frame = frame.restrict(*first..*last);
+        }
+        let (positions, index) = self
+            .select(frame, self.request.filter.as_deref(), columns)
+            .await?;
+        match ranges {
+            Some(ranges) => keep_in_ranges(positions, index, ranges),
+            None => Ok((positions, index)),
+        }
     }
 
     /// Variables the request selects (`var_filter`, then `var_names` in the order given), with
@@ -125,5 +145,58 @@ impl Element<'_> {
             .with_schema(Arc::new(plain))
             .map_err(|e| Error::internal_from("the obs selection", e))?;
         Ok((positions, index))
+    }
+}
+
+/// Keeps the rows whose position falls in one of `ranges`. Both are ascending, so one pass over
+/// each decides every row.
+fn keep_in_ranges(
+    positions: Vec<u64>,
+    batch: RecordBatch,
+    ranges: &[[u64; 2]],
+) -> Result<(Vec<u64>, RecordBatch)> {
+    let mut next = 0;
+    let keep: Vec<bool> = positions
+        .iter()
+        .map(|&p| {
+            while ranges.get(next).is_some_and(|&[_, stop]| stop <= p) {
+                next += 1;
+            }
+            ranges.get(next).is_some_and(|&[start, _]| start <= p)
+        })
+        .collect();
+    let mask = arrow::array::BooleanArray::from(keep);
+    let batch = arrow::compute::filter_record_batch(&batch, &mask)
+        .map_err(|e| Error::internal_from("the obs_ranges selection", e))?;
+    let positions = positions
+        .into_iter()
+        .zip(mask.values().iter())
+        .filter_map(|(p, kept)| kept.then_some(p))
+        .collect();
+    Ok((positions, batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::UInt64Array;
+
+    #[test]
+    fn ranges_keep_exactly_their_rows() -> Result<()> {
+        let positions: Vec<u64> = vec![0, 2, 3, 4, 7, 8, 9, 12];
+        let column = Arc::new(UInt64Array::from(positions.clone()));
+        let batch = RecordBatch::try_from_iter([("p", column as arrow::array::ArrayRef)])
+            .map_err(|e| Error::internal_from("test batch", e))?;
+        let (kept, batch) = keep_in_ranges(positions, batch, &[[1, 3], [4, 5], [8, 12]])?;
+        assert_eq!(kept, vec![2, 4, 8, 9]);
+        assert_eq!(
+            batch
+                .column(0)
+                .as_primitive::<UInt64Type>()
+                .values()
+                .to_vec(),
+            kept
+        );
+        Ok(())
     }
 }
