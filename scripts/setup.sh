@@ -30,3 +30,14 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
     echo "$want" >"$stamp"
 fi
+
+# The Python package, installed as users install it (`pip install ./python`), again whenever its
+# files change. Its dependencies are already pinned above, so nothing else moves.
+pkg_stamp="$venv/.python-package.sha256"
+pkg_want=$(find python -type f \( -name '*.py' -o -name '*.toml' -o -name '*.md' -o -name py.typed \) \
+    -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$pkg_stamp" 2>/dev/null)" != "$pkg_want" ]; then
+    echo "setup: installing the artiflight Python package from python/" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./python
+    echo "$pkg_want" >"$pkg_stamp"
+fi
