@@ -422,8 +422,8 @@ def _matrix_of(table: pa.Table, n_vars: int) -> np.ndarray | scipy.sparse.csr_ma
     if "indices" in table.column_names and "data" in table.column_names:
         import scipy.sparse
 
-        indices = table.column("indices").combine_chunks()
-        data = table.column("data").combine_chunks()
+        indices = _one(table.column("indices"))
+        data = _one(table.column("data"))
         offsets = indices.offsets.to_numpy()
         start, stop = int(offsets[0]), int(offsets[-1])
         indptr = offsets - start if start else offsets
@@ -448,9 +448,14 @@ def _shape(table: pa.Table) -> tuple[int, int] | None:
 
 def _fixed_size(column: pa.ChunkedArray) -> np.ndarray:
     """Rows of a `FixedSizeList<T, k>` column as an (n, k) array."""
-    array = column.combine_chunks()
+    array = _one(column)
     width = array.type.list_size
     return _numpy(array.flatten()).reshape(-1, width)
+
+
+def _one(column: pa.ChunkedArray) -> pa.Array:
+    """The column as one array: its only chunk as is (`combine_chunks` would copy even that)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _numpy(array: pa.Array) -> np.ndarray:
@@ -461,7 +466,7 @@ def _coo(table: pa.Table, n: int) -> scipy.sparse.csr_matrix:
     """obsp/varp from COO rows `row`, `col`, `value` (positions within the selection)."""
     import scipy.sparse
 
-    rows = _numpy(table.column("row").combine_chunks())
-    cols = _numpy(table.column("col").combine_chunks())
-    values = _numpy(table.column("value").combine_chunks())
+    rows = _numpy(_one(table.column("row")))
+    cols = _numpy(_one(table.column("col")))
+    values = _numpy(_one(table.column("value")))
     return scipy.sparse.csr_matrix((values, (rows, cols)), shape=(n, n))

@@ -28,6 +28,18 @@ pub(crate) struct Get {
     limit: Option<u64>,
     #[arg(long, env = "ARTIFLIGHT_VERSION")]
     version: Option<String>,
+    /// AnnData: comma-separated variables (genes), in the order wanted, e.g. `CD3E,MS4A1`.
+    #[arg(long, env = "ARTIFLIGHT_VAR_NAMES", value_delimiter = ',')]
+    var_names: Option<Vec<String>>,
+    /// AnnData: a SQL boolean expression on `var` that selects variables, e.g. `highly_variable`.
+    #[arg(long, env = "ARTIFLIGHT_VAR_FILTER")]
+    var_filter: Option<String>,
+    /// AnnData: a half-open range of observation positions, `START:STOP` (e.g. `0:1000`).
+    #[arg(long, env = "ARTIFLIGHT_OBS_RANGE", value_parser = parse_range)]
+    obs_range: Option<[u64; 2]>,
+    /// AnnData matrices: `dense`, `sparse`, `wide` (one column per variable) or `long`.
+    #[arg(long, env = "ARTIFLIGHT_LAYOUT", value_parser = ["dense", "sparse", "wide", "long"])]
+    layout: Option<String>,
     /// Write to this file (.parquet, .arrow or .csv) instead of printing.
     #[arg(long, env = "ARTIFLIGHT_OUT")]
     out: Option<PathBuf>,
@@ -56,16 +68,22 @@ pub(crate) async fn run(global: &Global, get: Get) -> Result<()> {
     if let Some(version) = get.version {
         request = request.version(version);
     }
+    if let Some(names) = get.var_names {
+        request = request.field("var_names", serde_json::json!(names));
+    }
+    if let Some(filter) = get.var_filter {
+        request = request.field("var_filter", serde_json::json!(filter));
+    }
+    if let Some(range) = get.obs_range {
+        request = request.field("obs_range", serde_json::json!(range));
+    }
+    if let Some(layout) = get.layout {
+        request = request.field("layout", serde_json::json!(layout));
+    }
     let info = client.info(&request).await?;
     let total = u64::try_from(info.total_records).ok();
     let (schema, mut stream) = client.get_info(&info)?;
-    let progress = indicatif::ProgressBar::new(total.unwrap_or(0));
-    progress.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} {human_pos}/{human_len} rows {per_sec} [{elapsed}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let progress = progress_bar(total);
     let Some(out) = get.out else {
         // Preview: stop pulling once enough rows arrived; dropping the stream ends the scan.
         let mut batches = Vec::new();
@@ -84,16 +102,56 @@ pub(crate) async fn run(global: &Global, get: Get) -> Result<()> {
     };
     let mut writer = Writer::create(&out, &schema)?;
     let mut rows = 0u64;
+    let mut bytes = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         rows += batch.num_rows() as u64;
+        bytes += batch.get_array_memory_size() as u64;
         progress.set_position(rows);
+        progress.set_message(indicatif::HumanBytes(bytes).to_string());
         writer.write(&batch)?;
     }
     writer.finish()?;
     progress.finish_and_clear();
     eprintln!("wrote {rows} rows to {}", out.display());
     Ok(())
+}
+
+/// A bar when the flight's row count is known; otherwise (a filter, a query set) a spinner with
+/// the rows and bytes so far, never "N/0".
+fn progress_bar(total: Option<u64>) -> indicatif::ProgressBar {
+    let (bar, template) = match total {
+        Some(total) => (
+            indicatif::ProgressBar::new(total),
+            "{spinner} {human_pos}/{human_len} rows, {msg} {per_sec} [{elapsed}]",
+        ),
+        None => (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {human_pos} rows, {msg} {per_sec} [{elapsed}]",
+        ),
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar
+}
+
+/// `START:STOP`, a half-open range of positions.
+fn parse_range(text: &str) -> Result<[u64; 2], String> {
+    let (start, stop) = text
+        .split_once(':')
+        .ok_or_else(|| format!("'{text}' is not START:STOP"))?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("'{s}' in '{text}': {e}"))
+    };
+    let range = [number(start)?, number(stop)?];
+    if range[0] > range[1] {
+        return Err(format!("'{text}': START is after STOP"));
+    }
+    Ok(range)
 }
 
 fn print_preview(

@@ -72,6 +72,9 @@ enum Command {
     Collection(CollectionCommand),
     /// List the latest artifacts and collections.
     Ls {
+        /// Only keys that start with this, e.g. `pbmc` or `project1/`.
+        #[arg(long, env = "ARTIFLIGHT_KEY_PREFIX")]
+        key_prefix: Option<String>,
         #[arg(long, env = "ARTIFLIGHT_SUFFIX")]
         suffix: Option<String>,
         #[arg(long, env = "ARTIFLIGHT_OTYPE")]
@@ -177,8 +180,13 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             let body = json!({"key": key, "version": version, "permanent": permanent});
             print_json(&Backend::open(global).await?.action("delete", body).await?)
         }
-        Command::Ls { suffix, otype } => {
+        Command::Ls {
+            key_prefix,
+            suffix,
+            otype,
+        } => {
             let filter = RecordFilter {
+                key_prefix,
                 suffix,
                 otype,
                 ..Default::default()

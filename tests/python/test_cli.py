@@ -98,3 +98,33 @@ def test_ls_show_and_errors(server):
     missing = cli(server, "--server", server.url, "get", "no-such-key", check=False)
     assert missing.returncode != 0 and "no-such-key" in missing.stderr
     assert "panicked" not in missing.stderr
+
+
+def test_get_takes_the_anndata_selectors_and_ls_a_key_prefix(server, tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    truth = ad.read_h5ad(server.data_dir / "demo" / "pbmc68k.h5ad")
+    genes = ["TNFRSF4", "HES4"]
+    out = tmp_path / "wide.parquet"
+    cli(server, "get", "pbmc68k.h5ad", "--server", server.url, "--element", "X", "--var-names", ",".join(genes),
+        "--obs-range", "10:25", "--layout", "wide", "--out", str(out))
+    table = pq.read_table(out)
+    assert table.column_names == ["obs_names", *genes]
+    want = truth[10:25, genes]
+    assert table.column("obs_names").to_pylist() == want.obs_names.tolist()
+    got = np.column_stack([table.column(g).to_numpy() for g in genes])
+    np.testing.assert_array_equal(got, np.asarray(want.X))
+
+    out = tmp_path / "hv.parquet"
+    cli(server, "get", "pbmc68k.h5ad", "--server", server.url, "--element", "X", "--var-filter", "highly_variable",
+        "--layout", "sparse", "--out", str(out))
+    sparse = pq.read_table(out)
+    assert sparse.column_names == ["obs_names", "indices", "data"] and sparse.num_rows == truth.n_obs
+
+    bad = cli(server, "get", "pbmc68k.h5ad", "--server", server.url, "--obs-range", "9:3", check=False)
+    assert bad.returncode != 0 and "START is after STOP" in bad.stderr
+
+    listed = cli(server, "ls", "--server", server.url, "--key-prefix", "sharded_parquet_shard").stdout
+    keys = {line.split()[0] for line in listed.splitlines()[1:] if line.strip()}
+    assert keys == {"sharded_parquet_shard1", "sharded_parquet_shard2"}

@@ -301,3 +301,18 @@ def test_example_script_runs(server):
                          env={**os.environ, "ARTIFLIGHT_SERVER": server.url})
     assert out.returncode == 0, out.stderr
     assert "AnnDataAccessorSubset object with n_obs × n_vars = 35 × 765" in out.stdout
+
+
+def test_sparse_rows_become_csr_without_copying():
+    from artiflight._anndata import _matrix_of
+    offsets = pa.array([0, 2, 2, 5], pa.int32())
+    indices = pa.ListArray.from_arrays(offsets, pa.array([1, 4, 0, 2, 3], pa.int32()))
+    data = pa.ListArray.from_arrays(offsets, pa.array([1.5, 2.5, 3.5, 4.5, 5.5], pa.float32()))
+    table = pa.table({"obs_names": ["a", "b", "c"], "indices": indices, "data": data})
+    x = _matrix_of(table, 6)
+    assert isinstance(x, sp.csr_matrix) and x.shape == (3, 6)
+    np.testing.assert_array_equal(x.toarray()[2], [3.5, 0, 4.5, 5.5, 0, 0])
+    values = np.frombuffer(data.values.buffers()[1], dtype=np.float32)
+    assert np.shares_memory(x.data, values), "CSR data must be the Arrow buffer itself"
+    sliced = _matrix_of(table.slice(1), 6)  # offsets not starting at 0
+    np.testing.assert_array_equal(sliced.toarray(), x.toarray()[1:])
