@@ -4,7 +4,6 @@ files, anndata reading the same AnnData.
 """
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -19,10 +18,27 @@ import pyarrow.dataset as pads
 import pytest
 import scipy.sparse as sp
 from conftest import DEMO, REPO
-from test_anndata import VARIANTS, backed, dense, files  # noqa: F401 (files is a fixture)
+from test_anndata import VARIANTS, backed, dense, make_adata, write
 
 DEMO_H5AD = REPO / "demo" / "pbmc68k.h5ad"
 SEED_CELL_TYPES = ["Dendritic cells", "CD14+ Monocytes"]
+
+
+@pytest.fixture(scope="module")
+def files(server):
+    """Every AnnData variant written by anndata into a folder of this module's own (the server
+    may hold test_anndata's files open), registered through the package: {variant: (key, path)}."""
+    folder = server.files / "package"
+    folder.mkdir(exist_ok=True)
+    client = artiflight.connect(server.url)
+    out = {}
+    for how, x_kind in VARIANTS:
+        suffix = ".h5ad" if how.startswith("h5ad") else ".zarr"
+        path = folder / f"{how}_{x_kind}{suffix}"
+        write(make_adata(x_kind), path, how)
+        out[(how, x_kind)] = (client.register(path, f"package/{how}_{x_kind}{suffix}").key, path)
+    client.close()
+    return out
 
 
 @pytest.fixture()
@@ -219,7 +235,7 @@ def test_seed_accessor_workflow_on_the_demo(af):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
-def test_accessor_slices_equal_anndata(af, files, variant):  # noqa: F811 (files is the fixture)
+def test_accessor_slices_equal_anndata(af, files, variant):
     key, path = files[variant]
     adata = af.artifact(key).open()
     truth = ad.read_h5ad(path) if str(path).endswith(".h5ad") else ad.read_zarr(path)
@@ -252,7 +268,7 @@ def test_accessor_slices_equal_anndata(af, files, variant):  # noqa: F811 (files
     np.testing.assert_array_equal(dense(memory.X), dense(backed(path)[mask.to_numpy()].X))
 
 
-def test_accessor_asks_the_server_for_the_selected_rows_only(af, files):  # noqa: F811
+def test_accessor_asks_the_server_for_the_selected_rows_only(af, files):
     key, _ = files[("h5ad", "csr")]
     adata = af.artifact(key).open()
     _ = adata.obs, adata.var
@@ -277,8 +293,6 @@ def test_positions_travel_as_runs():
         assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))  # apart: runs are maximal
 
 
-@pytest.mark.skipif("torch" not in sys.modules and not pathlib.Path(sys.prefix, "lib").glob("*/site-packages/torch"),
-                    reason="torch is not installed")
 def test_torch_iterable_dataset(af):
     torch = pytest.importorskip("torch")
 

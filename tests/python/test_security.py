@@ -134,6 +134,23 @@ def test_token_commands_never_show_tokens_and_revoke_takes_effect(auth_server):
     client.close()
 
 
+def test_the_python_package_sends_tokens_and_names_refusals(auth_server, monkeypatch):
+    import artiflight
+
+    server, tokens = auth_server
+    with pytest.raises(PermissionError) as refused:
+        artiflight.connect(server.url).artifacts()
+    assert isinstance(refused.value, artiflight.UnauthenticatedError)
+    reader = artiflight.connect(server.url, token=tokens["reader"])
+    assert reader.artifact("sharded_parquet").open().count_rows() == pq.read_table(DEMO).num_rows
+    with pytest.raises(PermissionError) as denied:
+        reader.save(pa.table({"a": [1]}), "from_reader")
+    assert isinstance(denied.value, artiflight.AccessDeniedError)
+    monkeypatch.setenv("ARTIFLIGHT_TOKEN", tokens["writer"])
+    writer = artiflight.connect(server.url)
+    assert writer.save(pa.table({"a": [1]}), "from_writer").key == "from_writer"
+
+
 def make_certificates(directory: pathlib.Path):
     """A CA and a server certificate for localhost and 127.0.0.1 that it signed."""
     ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
@@ -168,6 +185,10 @@ def test_tls_with_a_certificate_the_client_trusts(tmp_path):
         plain = flight.connect(s.url.replace("grpc+tls://", "grpc://"))
         with pytest.raises(flight.FlightUnavailableError):
             list(plain.list_flights())
+        # The Python package, trusting the CA from its file.
+        import artiflight
+        assert artiflight.connect(s.url, tls_root_certs=str(ca)).artifact("sharded_parquet").open().count_rows() \
+            == pq.read_table(DEMO).num_rows
         # The Rust client (the CLI) with --tls-ca.
         out = subprocess.run([binary(), "--server", s.url, "--tls-ca", str(ca), "ls"],
                              capture_output=True, text=True, timeout=TIMEOUT_S)
