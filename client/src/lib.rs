@@ -110,11 +110,15 @@ pub struct Options {
     pub ca_pem: Option<Vec<u8>>,
 }
 
-/// A connection to one artiflight server.
+/// A connection to one artiflight server, and to the fleet servers its endpoints name.
 #[derive(Clone)]
 pub struct Client {
     channel: Channel,
     token: Option<String>,
+    url: String,
+    options: Options,
+    /// Connections to the servers that endpoints' locations name, opened on first use.
+    peers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Client>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -166,7 +170,50 @@ impl Client {
         Ok(Self {
             channel,
             token: options.token.clone(),
+            url: url.to_string(),
+            options: options.clone(),
+            peers: Default::default(),
         })
+    }
+
+    /// The client for the server at `uri`, with the same token and certificates: this one for
+    /// its own address, else a connection kept for later endpoints.
+    async fn at(&self, uri: &str) -> Result<Client> {
+        if uri == self.url || uri.starts_with("arrow-flight-reuse-connection:") {
+            return Ok(self.clone());
+        }
+        let known = match self.peers.lock() {
+            Ok(peers) => peers.get(uri).cloned(),
+            Err(poisoned) => poisoned.into_inner().get(uri).cloned(),
+        };
+        if let Some(peer) = known {
+            return Ok(peer);
+        }
+        // Connected outside the lock; two endpoints racing to one new server connect twice and
+        // the second connection is kept.
+        let peer = Self::connect_with(uri, &self.options).await?;
+        match self.peers.lock() {
+            Ok(mut peers) => peers.insert(uri.to_string(), peer.clone()),
+            Err(poisoned) => poisoned.into_inner().insert(uri.to_string(), peer.clone()),
+        };
+        Ok(peer)
+    }
+
+    /// Starts one endpoint's stream at its first location, falling back to this server when the
+    /// endpoint names none or its location cannot be reached: any server serves any ticket.
+    async fn do_get(
+        &self,
+        ticket: arrow_flight::Ticket,
+        location: Option<String>,
+    ) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+        if let Some(uri) = location
+            && let Ok(peer) = self.at(&uri).await
+            && let Ok(stream) = peer.flight().do_get(ticket.clone()).await
+        {
+            return Ok(stream.map_err(Error::from).boxed());
+        }
+        let stream = self.flight().do_get(ticket).await?;
+        Ok(stream.map_err(Error::from).boxed())
     }
 
     /// The underlying Flight client, for anything this crate does not wrap; it sends the token.
@@ -208,18 +255,20 @@ impl Client {
         info: &FlightInfo,
     ) -> Result<(SchemaRef, BoxStream<'static, Result<RecordBatch>>)> {
         let schema = std::sync::Arc::new(info.clone().try_decode_schema()?);
-        let tickets: Vec<_> = info
+        let endpoints: Vec<_> = info
             .endpoint
             .iter()
-            .filter_map(|e| e.ticket.clone())
+            .filter_map(|e| {
+                let location = e.location.first().map(|l| l.uri.clone());
+                e.ticket.clone().map(|ticket| (ticket, location))
+            })
             .collect();
         let this = self.clone();
-        let batches = futures::stream::iter(tickets)
-            .then(move |ticket| {
-                let mut flight = this.flight();
-                async move { flight.do_get(ticket).await.map_err(Error::from) }
+        let batches = futures::stream::iter(endpoints)
+            .then(move |(ticket, location)| {
+                let this = this.clone();
+                async move { this.do_get(ticket, location).await }
             })
-            .map_ok(|stream| stream.map_err(Error::from))
             .try_flatten()
             .boxed();
         Ok((schema, batches))

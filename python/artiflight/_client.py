@@ -49,15 +49,18 @@ class Stats:
         self.streams = 0
         self.rows = 0
         self.bytes = 0
+        self.by_server: dict[str, int] = {}  # rows received from each server of a fleet
 
-    def add(self, batch: pa.RecordBatch):
+    def add(self, batch: pa.RecordBatch, server: str):
         with self._lock:
             self.rows += batch.num_rows
             self.bytes += batch.nbytes
+            self.by_server[server] = self.by_server.get(server, 0) + batch.num_rows
 
     def reset(self):
         with self._lock:
             self.streams = self.rows = self.bytes = 0
+            self.by_server = {}
 
     def __repr__(self) -> str:
         return f"Stats(streams={self.streams}, rows={self.rows}, bytes={self.bytes})"
@@ -78,6 +81,9 @@ class Client:
             kwargs["tls_root_certs"] = tls_root_certs
         with translated():
             self._flight = flight.FlightClient(self.uri, **kwargs)
+        self._kwargs = kwargs
+        self._peers: dict[str, flight.FlightClient] = {}
+        self._peers_lock = threading.Lock()
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(headers=headers)
         self.stats = Stats()
@@ -193,14 +199,39 @@ class Client:
         with translated():
             return self._flight.get_schema(descriptor, options=self._options).schema
 
+    def _at(self, uri: str) -> flight.FlightClient:
+        """A connection to the fleet server at `uri` (kept), with this client's TLS roots."""
+        if uri == self.uri or uri.startswith("arrow-flight-reuse-connection:"):
+            return self._flight
+        with self._peers_lock:
+            peer = self._peers.get(uri)
+            if peer is None:
+                peer = self._peers[uri] = flight.FlightClient(uri, **self._kwargs)
+            return peer
+
+    def _open(self, endpoint: flight.FlightEndpoint) -> tuple[str, Iterator]:
+        """The endpoint's stream, from its first location when it names one (a fleet), else, or
+        when that server cannot be reached, from this server: any server serves any ticket."""
+        locations = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                     for loc in endpoint.locations]
+        if locations:
+            try:
+                reader = iter(self._at(locations[0]).do_get(endpoint.ticket, options=self._options))
+                first = next(reader, None)
+                chunks = iter([first] if first is not None else [])
+                return locations[0], _chain(chunks, reader)
+            except (flight.FlightUnavailableError, flight.FlightTimedOutError, OSError):
+                pass
+        return self.uri, iter(self._flight.do_get(endpoint.ticket, options=self._options))
+
     def stream(self, endpoint: flight.FlightEndpoint) -> Iterator[pa.RecordBatch]:
         """The record batches of one endpoint, counted in `stats`."""
         with self.stats._lock:
             self.stats.streams += 1
         with translated():
-            reader = self._flight.do_get(endpoint.ticket, options=self._options)
-            for chunk in reader:
-                self.stats.add(chunk.data)
+            server, chunks = self._open(endpoint)
+            for chunk in chunks:
+                self.stats.add(chunk.data, server)
                 yield chunk.data
 
     def read(self, info: flight.FlightInfo, threads: int = 4) -> pa.Table:
@@ -226,6 +257,11 @@ class Client:
         return {"server": self.uri, "artifacts": kinds.get("artifact", 0),
                 "collections": kinds.get("collection", 0),
                 "keys": sorted(r["key"] for r in records)}
+
+
+def _chain(*parts: Iterator) -> Iterator:
+    for part in parts:
+        yield from part
 
 
 def _as_table(data: Any) -> pa.Table:

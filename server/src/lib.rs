@@ -34,7 +34,7 @@ use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::query::{Planner, session_config};
 use crate::registry::Registry;
-use crate::service::{FlightHandler, Limits, Tls};
+use crate::service::{Fleet, FlightHandler, Limits, Tls};
 use crate::storage::Storage;
 
 /// How to open a server's state.
@@ -55,6 +55,13 @@ pub struct ServerOptions {
     pub cache_bytes: u64,
     /// Memory shared by every query; sorts, aggregates and joins spill to `spill/` in the data dir.
     pub max_query_memory: usize,
+    /// The catalog: `sqlite://PATH` (default: `catalog.sqlite` in the data dir), shared by a
+    /// fleet's servers.
+    pub catalog: Option<String>,
+    /// Where clients and other servers reach this server (default: the listening address).
+    pub advertise: Option<String>,
+    /// How often this server renews its place in the fleet; it drops out after five missed.
+    pub heartbeat: std::time::Duration,
 }
 
 /// A quarter of the machine's memory, the default bound of query memory.
@@ -83,6 +90,9 @@ impl ServerOptions {
             limits: Limits::default(),
             cache_bytes: 1 << 30,
             max_query_memory: default_query_memory(),
+            catalog: None,
+            advertise: None,
+            heartbeat: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -101,7 +111,10 @@ impl Server {
             Storage::new(&options.data_dir, &options.allow_roots)?
                 .with_range_cache(options.cache_bytes)?,
         );
-        let catalog = Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?;
+        let catalog = match &options.catalog {
+            Some(url) => Catalog::open_url(url)?,
+            None => Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?,
+        };
         let spill = storage.data_dir().join("spill");
         let planner = Planner::new(catalog, storage, session_config(options.target_partitions))
             .with_query_memory(options.max_query_memory, spill)?;
@@ -127,11 +140,44 @@ impl Server {
     ) -> Result<()> {
         // A crash (kill -9) mid-upload leaves files no record names: swept before serving.
         self.registry.sweep_uploads().await;
+        let scheme = if self.options.tls.is_some() {
+            "grpc+tls"
+        } else {
+            "grpc"
+        };
+        let advertise = match &self.options.advertise {
+            Some(uri) => uri.clone(),
+            None => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| error::Error::internal_from("the listening address", e))?;
+                format!("{scheme}://{addr}")
+            }
+        };
+        let fleet = Fleet::new(advertise);
         let handler = FlightHandler::new(
             self.registry.clone(),
             self.options.auth,
             self.options.limits.clone(),
-        )?;
-        service::serve(listener, handler, self.options.tls.as_ref(), shutdown).await
+        )?
+        .with_fleet(Arc::clone(&fleet));
+        // The heartbeat stops (and the server leaves the fleet) when serving ends, however it ends.
+        let (stopping, mut stopped) = tokio::sync::watch::channel(());
+        let heartbeat = tokio::spawn(fleet.run(
+            self.planner().catalog().clone(),
+            self.options.heartbeat,
+            async move {
+                let _ = stopped.changed().await;
+            },
+        ));
+        let shutdown = async move {
+            shutdown.await;
+            drop(stopping);
+        };
+        let served = service::serve(listener, handler, self.options.tls.as_ref(), shutdown).await;
+        if let Err(e) = heartbeat.await {
+            tracing::warn!(error = %e, "the fleet heartbeat task failed");
+        }
+        served
     }
 }

@@ -51,6 +51,10 @@ struct Global {
     /// PEM file of certificates to trust when the server URL is grpc+tls://.
     #[arg(long, global = true, env = "ARTIFLIGHT_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// The catalog, `sqlite://PATH` (default: catalog.sqlite in the data dir); a fleet's servers
+    /// share one.
+    #[arg(long, global = true, env = "ARTIFLIGHT_CATALOG")]
+    catalog: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -122,6 +126,7 @@ impl Global {
     fn options(&self) -> ServerOptions {
         ServerOptions {
             cache_bytes: 0,
+            catalog: self.catalog.clone(),
             ..ServerOptions::new(&self.data_dir)
         }
     }

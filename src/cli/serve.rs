@@ -75,6 +75,14 @@ pub(crate) struct Serve {
     #[arg(long, env = "ARTIFLIGHT_STALL_TIMEOUT", default_value = "60s")]
     stall_timeout: String,
     /// Concurrent calls on one connection.
+    /// Where clients and the fleet's other servers reach this server, e.g. grpc://host:8815
+    /// (default: the listening address). Endpoints name it when it serves their data.
+    #[arg(long, env = "ARTIFLIGHT_ADVERTISE")]
+    advertise: Option<String>,
+    /// How often this server renews its place in the fleet (servers sharing --catalog); one that
+    /// misses five renewals drops out of endpoint locations.
+    #[arg(long, env = "ARTIFLIGHT_HEARTBEAT", default_value = "2s")]
+    heartbeat: String,
     #[arg(long, env = "ARTIFLIGHT_MAX_CONNECTION_STREAMS", default_value_t = 100)]
     max_connection_streams: u32,
 }
@@ -144,6 +152,11 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
         opts.target_partitions = n;
     }
     opts.auth = serve.auth;
+    opts.advertise = serve.advertise.clone();
+    opts.heartbeat = parse_duration(&serve.heartbeat).context("--heartbeat")?;
+    if opts.heartbeat.is_zero() {
+        bail!("--heartbeat must be more than 0");
+    }
     if let (Some(cert), Some(key)) = (&serve.tls_cert, &serve.tls_key) {
         opts.tls = Some(Tls {
             cert_pem: std::fs::read(cert)

@@ -226,6 +226,12 @@ pub trait CatalogStore: Send + Sync {
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Deletes the token `name`; it stops working at once.
     fn revoke_token(&self, name: &str) -> Result<TokenRecord>;
+    /// Records that the server reachable at `uri` is alive now: a fleet's membership.
+    fn heartbeat(&self, uri: &str) -> Result<()>;
+    /// The servers whose last heartbeat is at most `window` old, by uri in ascending order.
+    fn live_servers(&self, window: std::time::Duration) -> Result<Vec<String>>;
+    /// Removes the server at `uri` from the fleet (it is stopping).
+    fn leave(&self, uri: &str) -> Result<()>;
 }
 
 /// A cheap, cloneable handle on a catalog store.
@@ -235,6 +241,26 @@ pub struct Catalog(Arc<dyn CatalogStore>);
 impl Catalog {
     pub fn new(store: impl CatalogStore + 'static) -> Self {
         Self(Arc::new(store))
+    }
+
+    /// Opens the catalog a `--catalog` URL names: `sqlite://PATH` (`sqlite:///abs/path` or
+    /// `sqlite://relative/path`).
+    pub fn open_url(url: &str) -> Result<Self> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(Error::invalid("--catalog sqlite:// needs a path"));
+            }
+            return Self::open_sqlite(std::path::Path::new(path));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(Error::invalid(
+                "PostgreSQL catalogs are not available in this build: share a sqlite:// catalog \
+                 between servers on one machine",
+            ));
+        }
+        Err(Error::invalid(format!(
+            "--catalog '{url}' is not a catalog URL: expected sqlite://PATH"
+        )))
     }
 
     /// Opens (and migrates) the SQLite catalog at `path`.
@@ -252,6 +278,23 @@ impl Catalog {
         tokio::task::spawn_blocking(move || call(store.as_ref()))
             .await
             .map_err(|e| Error::internal_from("catalog task failed", e))?
+    }
+
+    /// [`CatalogStore::heartbeat`], off the async runtime.
+    pub async fn heartbeat(&self, uri: &str) -> Result<()> {
+        let uri = uri.to_string();
+        self.run(move |c| c.heartbeat(&uri)).await
+    }
+
+    /// [`CatalogStore::live_servers`], off the async runtime.
+    pub async fn live_servers(&self, window: std::time::Duration) -> Result<Vec<String>> {
+        self.run(move |c| c.live_servers(window)).await
+    }
+
+    /// [`CatalogStore::leave`], off the async runtime.
+    pub async fn leave(&self, uri: &str) -> Result<()> {
+        let uri = uri.to_string();
+        self.run(move |c| c.leave(&uri)).await
     }
 
     /// [`CatalogStore::register`], off the async runtime.

@@ -92,6 +92,13 @@ INSERT INTO issued_versions SELECT 'artifacts', key, substr(uid, 1, 16), max(ver
 INSERT INTO issued_versions SELECT 'collections', key, substr(uid, 1, 16), max(version)
     FROM collections GROUP BY key;
 "#,
+    r#"
+-- A fleet's servers: each renews its row while it serves (last_seen in Unix milliseconds).
+CREATE TABLE servers (
+    uri       TEXT PRIMARY KEY,
+    last_seen INTEGER NOT NULL
+);
+"#,
 ];
 
 const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
@@ -651,6 +658,44 @@ impl CatalogStore for SqliteCatalog {
             })
         })
     }
+
+    fn heartbeat(&self, uri: &str) -> Result<()> {
+        let now = unix_millis(std::time::SystemTime::now());
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO servers (uri, last_seen) VALUES (?1, ?2) \
+                 ON CONFLICT(uri) DO UPDATE SET last_seen = excluded.last_seen",
+                params![uri, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn live_servers(&self, window: Duration) -> Result<Vec<String>> {
+        let since = std::time::SystemTime::now()
+            .checked_sub(window)
+            .map_or(0, unix_millis);
+        let conn = self.lock()?;
+        let mut stmt =
+            conn.prepare("SELECT uri FROM servers WHERE last_seen >= ?1 ORDER BY uri")?;
+        let uris = stmt
+            .query_map([since], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(uris)
+    }
+
+    fn leave(&self, uri: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM servers WHERE uri = ?1", [uri])?;
+            Ok(())
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it), as the servers table keeps time.
+fn unix_millis(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

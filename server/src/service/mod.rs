@@ -5,6 +5,7 @@
 mod actions;
 mod auth;
 mod cancel;
+mod fleet;
 mod flight;
 mod limits;
 mod plans;
@@ -20,6 +21,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use actions::{Caller, run as run_action};
+pub use fleet::Fleet;
 pub use flight::FlightHandler;
 pub use limits::{Limits, parse_duration};
 

@@ -23,6 +23,7 @@ use put::PutBody;
 use super::actions;
 use super::auth::{Authenticator, Gate, Identity};
 use super::cancel::Cancels;
+use super::fleet::{self, Fleet};
 use super::limits::{Governor, Limits};
 use super::plans::Plans;
 use super::sql::{self, SqlService, sql_message};
@@ -60,6 +61,8 @@ pub struct FlightHandler {
     plans: Arc<Plans>,
     gate: Gate,
     governor: Arc<Governor>,
+    /// The fleet this server belongs to, for endpoint locations (none: a server on its own).
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl FlightHandler {
@@ -77,7 +80,14 @@ impl FlightHandler {
             plans,
             gate: Gate::new(authenticator),
             governor: Arc::new(Governor::new(limits)),
+            fleet: None,
         })
+    }
+
+    /// This handler, naming in each endpoint the fleet's server for its data.
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     pub(super) fn governor(&self) -> Arc<Governor> {
@@ -160,9 +170,14 @@ impl FlightHandler {
                 ticket.encode().into()
             })
             .collect();
-        let endpoints = tickets
-            .iter()
-            .map(|t| arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(t.clone())));
+        let endpoints = tickets.iter().enumerate().map(|(partition, t)| {
+            let endpoint = arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(t.clone()));
+            let shard = fleet::shard_key(&uids, &command.element, partition, partition_count);
+            match self.fleet.as_ref().and_then(|f| f.route(&shard)) {
+                Some(uri) => endpoint.with_location(uri),
+                None => endpoint,
+            }
+        });
         let (records, bytes) = planned.totals();
         let mut metadata = match &resolved.entry {
             Some(entry) => entry.to_json(),

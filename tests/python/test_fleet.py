@@ -1,0 +1,154 @@
+"""A fleet on loopback: three servers on one shared catalog, each with its own data dir.
+
+Endpoints name the live server that rendezvous hashing picks for their data; pyarrow, the Python
+package and the Rust client (the CLI) read each endpoint from its location and get what
+pyarrow.dataset reads from the files; a server killed without leaving drops out of the locations
+within the heartbeat window, and one that stops cleanly leaves at once.
+"""
+
+import json
+import subprocess
+import threading
+import time
+
+import artiflight
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+from conftest import Server, binary
+
+HEARTBEAT = "200ms"
+# Five missed heartbeats and a server is out; the polls below allow twice that and more.
+WAIT_S = 15
+SHARDS = 20
+
+
+def write_shards(folder):
+    rng = np.random.default_rng(11)
+    for shard in range(SHARDS):
+        part = folder / f"shard={shard}"
+        part.mkdir(parents=True)
+        pq.write_table(pa.table({"id": np.arange(shard * 1000, shard * 1000 + 1000),
+                                 "x": rng.random(1000)}), part / "part-0.parquet")
+
+
+@pytest.fixture()
+def fleet(tmp_path):
+    catalog = f"sqlite://{tmp_path / 'shared' / 'catalog.sqlite'}"
+    write_shards(tmp_path / "files" / "shards")
+    servers = [Server(tmp_path, "--catalog", catalog, "--heartbeat", HEARTBEAT, partitions=SHARDS,
+                      data_dir=tmp_path / f"data{i}") for i in range(3)]
+    yield servers, tmp_path / "files" / "shards"
+    for s in servers:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+def locations(server, key="shards"):
+    client = server.client()
+    try:
+        info = client.get_flight_info(flight.FlightDescriptor.for_path(key))
+    finally:
+        client.close()
+    return info, [e.locations[0].uri.decode() if e.locations else None for e in info.endpoints]
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"not within {WAIT_S} s: {what}")
+
+
+def expected_table(folder) -> pa.Table:
+    return pads.dataset(folder, format="parquet", partitioning="hive").to_table().sort_by("id")
+
+
+def test_endpoints_spread_over_the_fleet_and_route_around_a_lost_server(fleet):
+    servers, folder = fleet
+    a, b, c = servers
+    urls = {s.url for s in servers}
+    artiflight.connect(a.url).register(folder, "shards")  # through one server, read through others
+
+    _, spread = wait_for(lambda: (lambda r: r if set(r[1]) == urls else None)(locations(b)),
+                         "endpoints on all three servers")
+    assert len(spread) == SHARDS
+    # The same shard goes to the same server, whichever server is asked.
+    assert wait_for(lambda: locations(c)[1] == spread, "the same routing from every server")
+
+    # pyarrow, by hand: each endpoint from its location.
+    info, _ = locations(b)
+    parts = []
+    for endpoint in info.endpoints:
+        client = flight.connect(endpoint.locations[0].uri.decode())
+        parts.append(client.do_get(endpoint.ticket).read_all())
+        client.close()
+    want = expected_table(folder)
+    assert pa.concat_tables(parts).sort_by("id").select(["id", "x"]).equals(want.select(["id", "x"]))
+
+    # The package follows locations, and says which server sent what.
+    package = artiflight.connect(b.url)
+    table = package.artifact("shards").open().to_table()
+    assert table.sort_by("id").select(["id", "x"]).equals(want.select(["id", "x"]))
+    assert set(package.stats.by_server) == urls
+
+    # The Rust client (the CLI) too.
+    out = a.tmp / "via-cli.parquet"
+    run = subprocess.run([binary(), "get", "shards", "--server", c.url, "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert pq.read_table(out).sort_by("id").select(["id", "x"]).equals(want.select(["id", "x"]))
+
+    # kill -9: no goodbye; the others route around it once its heartbeat is old.
+    c.proc.kill()
+    c.proc.wait(timeout=30)
+    c.log.close()
+    left = wait_for(lambda: (lambda r: r if c.url not in r[1] else None)(locations(a)),
+                    "the killed server leaving the locations")[1]
+    assert set(left) == {a.url, b.url}
+    # Keys of the surviving servers stay where they were (rendezvous hashing).
+    assert all(after == before for before, after in zip(spread, left) if before != c.url)
+    # A location that fails falls back to the server asked: the FlightInfo from before the kill
+    # names the dead server for some endpoints, and still reads whole.
+    stale = artiflight.connect(b.url)
+    table = stale.read(info)
+    assert table.sort_by("id").select(["id", "x"]).equals(want.select(["id", "x"]))
+    assert c.url not in stale.stats.by_server
+
+    # A clean stop leaves at once.
+    a.stop()
+    assert wait_for(lambda: locations(b)[1] == [None] * SHARDS, "a fleet of one routing nothing")
+
+
+def test_concurrent_writers_on_two_servers_keep_every_version_and_one_latest(fleet):
+    servers, _ = fleet
+    errors = []
+
+    def write(server, n):
+        try:
+            client = artiflight.connect(server.url)
+            for i in range(n):
+                client.save(pa.table({"writer": [server.url], "i": [i]}), "contended")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(s, 5)) for s in servers[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    client = servers[2].client()
+    body = json.dumps({"key": "contended"}).encode()
+    versions = json.loads(list(client.do_action(flight.Action("list_versions", body)))[0].body.to_pybytes())
+    client.close()
+    versions = versions if isinstance(versions, list) else versions["versions"]
+    assert len(versions) == 10
+    assert sorted(v["version"] for v in versions) == list(range(1, 11))
+    assert sum(v["is_latest"] for v in versions) == 1
