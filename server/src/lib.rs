@@ -62,6 +62,8 @@ pub struct ServerOptions {
     pub advertise: Option<String>,
     /// How often this server renews its place in the fleet; it drops out after five missed.
     pub heartbeat: std::time::Duration,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_addr: Option<String>,
 }
 
 /// A quarter of the machine's memory, the default bound of query memory.
@@ -93,6 +95,7 @@ impl ServerOptions {
             catalog: None,
             advertise: None,
             heartbeat: std::time::Duration::from_secs(2),
+            metrics_addr: None,
         }
     }
 }
@@ -138,6 +141,25 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
+        let metrics = match &self.options.metrics_addr {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                error::Error::invalid(format!("cannot listen on --metrics-addr {addr}: {e}"))
+            })?),
+            None => None,
+        };
+        if let Some(bound) = metrics.as_ref().and_then(|l| l.local_addr().ok()) {
+            tracing::info!("metrics on http://{bound}/metrics");
+        }
+        self.serve_with_metrics(listener, metrics, shutdown).await
+    }
+
+    /// [`Server::serve`], with Prometheus metrics on `metrics` when given.
+    pub async fn serve_with_metrics(
+        &self,
+        listener: TcpListener,
+        metrics: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
         // A crash (kill -9) mid-upload leaves files no record names: swept before serving.
         self.registry.sweep_uploads().await;
         let scheme = if self.options.tls.is_some() {
@@ -174,7 +196,14 @@ impl Server {
             shutdown.await;
             drop(stopping);
         };
-        let served = service::serve(listener, handler, self.options.tls.as_ref(), shutdown).await;
+        let served = service::serve(
+            listener,
+            handler,
+            self.options.tls.as_ref(),
+            metrics,
+            shutdown,
+        )
+        .await;
         if let Err(e) = heartbeat.await {
             tracing::warn!(error = %e, "the fleet heartbeat task failed");
         }

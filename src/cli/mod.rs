@@ -31,6 +31,13 @@ pub(crate) struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// The log format asked for, read before anything logs.
+    pub(crate) fn log_format(&self) -> LogFormat {
+        self.global.log_format
+    }
+}
+
 #[derive(Args, Debug)]
 struct Global {
     /// Directory holding the catalog (catalog.sqlite) and managed storage (objects/).
@@ -55,6 +62,22 @@ struct Global {
     /// share one.
     #[arg(long, global = true, env = "ARTIFLIGHT_CATALOG")]
     catalog: Option<String>,
+    /// Logs on stderr as lines for people (`text`) or one JSON object per line (`json`).
+    #[arg(
+        long,
+        global = true,
+        env = "ARTIFLIGHT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

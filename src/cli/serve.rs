@@ -79,6 +79,9 @@ pub(crate) struct Serve {
     /// (default: the listening address). Endpoints name it when it serves their data.
     #[arg(long, env = "ARTIFLIGHT_ADVERTISE")]
     advertise: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (default: none).
+    #[arg(long, env = "ARTIFLIGHT_METRICS_ADDR")]
+    metrics_addr: Option<String>,
     /// How often this server renews its place in the fleet (servers sharing --catalog); one that
     /// misses five renewals drops out of endpoint locations.
     #[arg(long, env = "ARTIFLIGHT_HEARTBEAT", default_value = "2s")]
@@ -153,6 +156,7 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
     }
     opts.auth = serve.auth;
     opts.advertise = serve.advertise.clone();
+    opts.metrics_addr = serve.metrics_addr.clone();
     opts.heartbeat = parse_duration(&serve.heartbeat).context("--heartbeat")?;
     if opts.heartbeat.is_zero() {
         bail!("--heartbeat must be more than 0");

@@ -7,6 +7,7 @@ mod errors;
 mod flight;
 mod flight_sql;
 mod fuzz;
+mod operations;
 mod plans;
 mod pushdown;
 mod security;

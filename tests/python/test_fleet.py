@@ -152,3 +152,24 @@ def test_concurrent_writers_on_two_servers_keep_every_version_and_one_latest(fle
     assert len(versions) == 10
     assert sorted(v["version"] for v in versions) == list(range(1, 11))
     assert sum(v["is_latest"] for v in versions) == 1
+
+
+def test_json_logs_and_metrics_from_the_binary(tmp_path):
+    import re
+    import urllib.request
+
+    server = Server(tmp_path, "--log-format", "json", "--metrics-addr", "127.0.0.1:0")
+    try:
+        client = server.client()
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("sharded_parquet"))
+        rows = sum(client.do_get(e.ticket).read_all().num_rows for e in info.endpoints)
+        client.close()
+        lines = [json.loads(line) for line in server.stderr().splitlines() if line.strip()]
+        assert lines and all("level" in line and "fields" in line for line in lines)
+        said = " ".join(str(line["fields"].get("message", "")) for line in lines)
+        url = re.search(r"metrics on (http://\S+/metrics)", said).group(1)
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        assert f"artiflight_rows_sent_total {rows}" in text
+        assert 'artiflight_calls_total{rpc="GetFlightInfo"} 1' in text
+    finally:
+        server.stop()

@@ -111,6 +111,11 @@ impl Planner {
         &self.storage
     }
 
+    /// Bytes of query memory reserved now, of the pool every query shares.
+    pub fn memory_reserved(&self) -> usize {
+        self.runtime.memory_pool.reserved()
+    }
+
     /// Makes a remote artifact's object store known to DataFusion's runtime, which lists and
     /// reads listing tables through it (local files need no registration).
     pub fn use_store(&self, located: &crate::storage::Located) {

@@ -159,11 +159,21 @@ fn credentials(metadata: &MetadataMap) -> Result<Option<Credentials>> {
 pub(super) struct CheckedFirst<S> {
     inner: S,
     gate: Gate,
+    /// Counts every call by RPC, refused ones included.
+    metrics: std::sync::Arc<super::metrics::Metrics>,
 }
 
 impl<S> CheckedFirst<S> {
-    pub(super) fn new(inner: S, gate: Gate) -> Self {
-        Self { inner, gate }
+    pub(super) fn new(
+        inner: S,
+        gate: Gate,
+        metrics: std::sync::Arc<super::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            inner,
+            gate,
+            metrics,
+        }
     }
 }
 
@@ -200,6 +210,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
+        self.metrics.call(request.uri().path());
         Box::pin(async move {
             let handshake = request.uri().path().ends_with("/Handshake");
             if !handshake && gate.authenticator.is_some() {

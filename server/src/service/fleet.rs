@@ -108,6 +108,18 @@ pub(super) fn shard_key(
     .into_bytes()
 }
 
+/// `endpoint` with the location of the fleet's server for `shard`, if the fleet has several.
+pub(super) fn locate(
+    fleet: Option<&Fleet>,
+    endpoint: arrow_flight::FlightEndpoint,
+    shard: &[u8],
+) -> arrow_flight::FlightEndpoint {
+    match fleet.and_then(|f| f.route(shard)) {
+        Some(uri) => endpoint.with_location(uri),
+        None => endpoint,
+    }
+}
+
 /// Rendezvous (highest random weight) score of `server` for `key`: each key goes to the server
 /// with the highest score, so removing a server moves only the keys it had.
 fn score(server: &str, key: &[u8]) -> u64 {

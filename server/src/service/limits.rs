@@ -15,6 +15,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::Status;
 
+use super::metrics::Metrics;
 use super::stream::FlightStream;
 use crate::error::{Error, Result};
 
@@ -98,6 +99,8 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 /// The limits in force, the stream permits and the shutdown signal, shared by every call.
 pub(super) struct Governor {
     pub(super) limits: Limits,
+    /// Streams, rows, bytes and queue waits, for `--metrics-addr`.
+    pub(super) metrics: Arc<Metrics>,
     streams: Option<Arc<Semaphore>>,
     /// When the shutdown began, once it has.
     stopping: watch::Sender<Option<Instant>>,
@@ -110,6 +113,7 @@ impl Governor {
                 .max_streams
                 .map(|n| Arc::new(Semaphore::new(n.max(1)))),
             limits,
+            metrics: Arc::default(),
             stopping: watch::channel(None).0,
         }
     }
@@ -124,12 +128,15 @@ impl Governor {
         let Some(streams) = &self.streams else {
             return Ok(None);
         };
-        match tokio::time::timeout(
+        let asked = Instant::now();
+        let waited = tokio::time::timeout(
             self.limits.queue_timeout,
             Arc::clone(streams).acquire_owned(),
         )
-        .await
-        {
+        .await;
+        self.metrics
+            .queued(asked.elapsed(), matches!(waited, Ok(Ok(_))));
+        match waited {
             Ok(Ok(permit)) => Ok(Some(permit)),
             // The semaphore is closed by `stop`.
             Ok(Err(_)) => Err(shutting_down()),
@@ -216,6 +223,7 @@ impl Governor {
             stalled: false,
         }));
         let mark = Arc::new(WakeMark::default());
+        self.metrics.stream_started();
         let watchdog = self.limits.stall_timeout.map(|stall| {
             tokio::spawn(watch_stall(
                 Arc::downgrade(&shared),
@@ -236,6 +244,7 @@ impl Governor {
             max_bytes: self.limits.max_bytes,
             rows: 0,
             bytes: 0,
+            metrics: Arc::clone(&self.metrics),
         })
     }
 }
@@ -312,6 +321,7 @@ struct Guarded {
     max_bytes: Option<u64>,
     rows: u64,
     bytes: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for Guarded {
@@ -319,6 +329,7 @@ impl Drop for Guarded {
         if let Some(watchdog) = &self.watchdog {
             watchdog.abort();
         }
+        self.metrics.stream_ended();
     }
 }
 
@@ -393,8 +404,10 @@ impl Stream for Guarded {
                 other => return other,
             }
         };
-        self.rows += rows_of(&item);
-        self.bytes += item.data_body.len() as u64;
+        let (rows, bytes) = (rows_of(&item), item.data_body.len() as u64);
+        self.rows += rows;
+        self.bytes += bytes;
+        self.metrics.sent(rows, bytes);
         if let Some(max) = self.max_rows
             && self.rows > max
         {

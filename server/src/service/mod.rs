@@ -8,6 +8,7 @@ mod cancel;
 mod fleet;
 mod flight;
 mod limits;
+mod metrics;
 mod plans;
 mod sql;
 mod status;
@@ -24,6 +25,7 @@ pub use actions::{Caller, run as run_action};
 pub use fleet::Fleet;
 pub use flight::FlightHandler;
 pub use limits::{Limits, parse_duration};
+pub use metrics::Metrics;
 
 use crate::error::{Error, Result};
 
@@ -52,19 +54,34 @@ impl std::fmt::Debug for Tls {
 /// Serves Flight on `listener` until `shutdown` resolves. Then no new calls are taken, running
 /// streams get the limits' shutdown grace to finish, and what is still running then is ended
 /// with UNAVAILABLE.
+///
+/// `grpc.health.v1` is served beside Flight, without a token (probes carry none); with
+/// `metrics`, Prometheus metrics are served on that listener at `/metrics`.
 pub async fn serve(
     listener: TcpListener,
     handler: FlightHandler,
     tls: Option<&Tls>,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let governor = handler.governor();
     let max_message = governor.limits.max_message_bytes;
     let gate = handler.gate();
+    let scrape = metrics.map(|listener| {
+        tokio::spawn(metrics::serve_metrics(
+            listener,
+            std::sync::Arc::clone(&governor.metrics),
+            handler.planner().clone(),
+        ))
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<FlightServiceServer<FlightHandler>>()
+        .await;
     let service = FlightServiceServer::new(handler)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.max(64 * 1024 * 1024));
-    let service = auth::CheckedFirst::new(service, gate);
+    let service = auth::CheckedFirst::new(service, gate, std::sync::Arc::clone(&governor.metrics));
     // Small answers (GetFlightInfo, actions, the end of a stream) must not wait for the peer's
     // delayed ACK: without TCP_NODELAY each costs about 40 ms.
     let incoming = TcpListenerStream::new(listener).map(|stream| {
@@ -96,14 +113,23 @@ pub async fn serve(
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: finishing running streams");
+        // Load balancers stop sending new calls while the running streams finish.
+        health
+            .set_not_serving::<FlightServiceServer<FlightHandler>>()
+            .await;
         stopping.stop();
     };
     let served = builder
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, signal);
-    tokio::select! {
+    let result = tokio::select! {
         served = served => served.map_err(|e| Error::internal_from("server failed", e)),
         // Idle connections that a client keeps open do not hold the shutdown up.
         () = governor.hard_stop() => Ok(()),
+    };
+    if let Some(scrape) = scrape {
+        scrape.abort();
     }
+    result
 }

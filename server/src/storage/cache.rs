@@ -7,6 +7,9 @@
 //! learnt from the listings, HEADs and GETs that reads make anyway, and asked again (one HEAD)
 //! when older than [`FRESH`]. Files are immutable once written, named by their key, and the least
 //! recently used go first when the cache is full.
+//!
+//! The file is long because it is one `ObjectStore` wrapper, whose every method must answer,
+//! beside the index it keeps; splitting them would put the versioning rules in two places.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -45,6 +48,9 @@ pub(crate) struct RangeCache {
     dir: PathBuf,
     limit: u64,
     index: Mutex<Index>,
+    /// Reads served from disk, and reads that went to the store, for the metrics.
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -132,7 +138,16 @@ impl RangeCache {
             dir,
             limit,
             index: Mutex::new(index),
+            hits: Default::default(),
+            misses: Default::default(),
         })
+    }
+
+    /// Hits, misses and the bytes held.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let held = self.lock().total;
+        (self.hits.load(Relaxed), self.misses.load(Relaxed), held)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -147,6 +162,17 @@ impl RangeCache {
 
     /// The entry's bytes, if it is held whole.
     async fn get(&self, key: &str) -> Option<Bytes> {
+        let found = self.lookup(key).await;
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        found
+    }
+
+    async fn lookup(&self, key: &str) -> Option<Bytes> {
         let size = self.lock().touch(key)?;
         match tokio::fs::read(self.dir.join(key)).await {
             Ok(bytes) if bytes.len() as u64 == size => Some(bytes.into()),

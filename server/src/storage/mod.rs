@@ -152,6 +152,11 @@ impl Storage {
         Ok(self)
     }
 
+    /// The range cache's hits, misses and bytes held, when there is a cache.
+    pub fn cache_counts(&self) -> Option<(u64, u64, u64)> {
+        self.cache.as_ref().map(|c| c.counts())
+    }
+
     /// The read leases of this process.
     pub fn leases(&self) -> &Arc<Leases> {
         &self.leases

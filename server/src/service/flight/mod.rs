@@ -90,6 +90,10 @@ impl FlightHandler {
         self
     }
 
+    pub(super) fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
     pub(super) fn governor(&self) -> Arc<Governor> {
         Arc::clone(&self.governor)
     }
@@ -173,10 +177,7 @@ impl FlightHandler {
         let endpoints = tickets.iter().enumerate().map(|(partition, t)| {
             let endpoint = arrow_flight::FlightEndpoint::new().with_ticket(Ticket::new(t.clone()));
             let shard = fleet::shard_key(&uids, &command.element, partition, partition_count);
-            match self.fleet.as_ref().and_then(|f| f.route(&shard)) {
-                Some(uri) => endpoint.with_location(uri),
-                None => endpoint,
-            }
+            fleet::locate(self.fleet.as_deref(), endpoint, &shard)
         });
         let (records, bytes) = planned.totals();
         let mut metadata = match &resolved.entry {
