@@ -74,7 +74,7 @@ impl Registry {
         self.planner.use_store(&located);
         let ctx = self.planner.session();
         let inspection = guard_reader(&url, format.inspect(&ctx, &located)).await?;
-        let hash = storage.hash(&located).await?;
+        let (hash, hash_kind) = storage.identify(&located).await?;
         let new = NewArtifact {
             key: key.to_string(),
             description,
@@ -82,6 +82,7 @@ impl Registry {
             otype: inspection.otype,
             size: located.size(),
             hash,
+            hash_type: hash_kind.as_str().into(),
             n_files: located.is_folder.then_some(located.files.len() as u64),
             n_observations: inspection.n_observations,
             // The located URL: a remote folder named without its slash is recorded with it.

@@ -429,3 +429,34 @@ def test_remote_folders_are_named_with_or_without_a_slash(implementation, reques
         client.close()
     finally:
         server.stop()
+
+
+def test_registering_a_remote_folder_downloads_no_data(s3, remote_server, tmp_path):
+    """Identity comes from the store's ETags (lamindb's way for cloud files): registering reads
+    parquet footers, never whole objects, and says how its hash was taken."""
+    folder = tmp_path / "etag_shards"
+    rng = np.random.default_rng(5)
+    for shard in range(4):
+        (folder / f"part={shard}").mkdir(parents=True)
+        pq.write_table(pa.table({"v": rng.random(1_000_000)}), folder / f"part={shard}" / "data.parquet")
+    upload(s3, folder, "allowed/etag_shards")
+    total = sum(p.stat().st_size for p in folder.rglob("*.parquet"))
+    client = remote_server.client()
+    s3["proxy"].take()
+    record = register(client, f"s3://{BUCKET}/allowed/etag_shards/", "etag_shards")
+    requests = s3["proxy"].take()
+    assert record["hash_type"] == "etag" and record["n_files"] == 4
+    gets = [r for r in requests if r["method"] == "GET" and r["key"].startswith("allowed/etag_shards/")]
+    assert all(r["range"] for r in gets), "a whole object was downloaded"
+    assert sum(r["bytes"] for r in gets) < total / 10, (sum(r["bytes"] for r in gets), total)
+    # The same content again is the same record; changed content is a new version.
+    assert register(client, f"s3://{BUCKET}/allowed/etag_shards/", "etag_shards")["uid"] == record["uid"]
+    pq.write_table(pa.table({"v": rng.random(1_000_000)}), folder / "part=2" / "data.parquet")
+    upload(s3, folder, "allowed/etag_shards")
+    changed = register(client, f"s3://{BUCKET}/allowed/etag_shards/", "etag_shards")
+    assert changed["uid"] != record["uid"] and changed["version"] == record["version"] + 1
+    # A local registration still hashes every byte.
+    local = remote_server.files / "etag_local.parquet"
+    pq.write_table(pa.table({"v": [1.0, 2.0]}), local)
+    assert register(client, str(local), "etag_local")["hash_type"] == "blake3"
+    client.close()

@@ -28,6 +28,10 @@ pub struct ArtifactRecord {
     pub size: u64,
     /// Content hash; a folder's derives from its files' hashes.
     pub hash: String,
+    /// How `hash` was taken: `blake3` (every byte) or `etag` (a remote store's ETags and sizes,
+    /// nothing downloaded).
+    #[serde(default = "content_hash")]
+    pub hash_type: String,
     pub n_files: Option<u64>,
     pub n_observations: Option<u64>,
     /// 1 for the first version of a key, then 2, 3, ...
@@ -50,6 +54,10 @@ pub struct ArtifactRecord {
     /// need not open the artifact; `None` for array stores and older records.
     #[serde(skip)]
     pub arrow_schema: Option<Vec<u8>>,
+}
+
+fn content_hash() -> String {
+    "blake3".into()
 }
 
 impl ArtifactRecord {
@@ -166,6 +174,8 @@ pub struct NewArtifact {
     pub otype: Option<String>,
     pub size: u64,
     pub hash: String,
+    /// `blake3` or `etag`: see [`ArtifactRecord::hash_type`].
+    pub hash_type: String,
     pub n_files: Option<u64>,
     pub n_observations: Option<u64>,
     pub storage: String,

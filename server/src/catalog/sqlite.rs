@@ -93,6 +93,10 @@ INSERT INTO issued_versions SELECT 'collections', key, substr(uid, 1, 16), max(v
     FROM collections GROUP BY key;
 "#,
     r#"
+-- How each hash was taken: every byte (blake3), or a remote store's ETags (etag).
+ALTER TABLE artifacts ADD COLUMN hash_type TEXT NOT NULL DEFAULT 'blake3';
+"#,
+    r#"
 -- A fleet's servers: each renews its row while it serves (last_seen in Unix milliseconds).
 CREATE TABLE servers (
     uri       TEXT PRIMARY KEY,
@@ -103,7 +107,7 @@ CREATE TABLE servers (
 
 const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash, n_files, \
      n_observations, version, is_latest, created_at, storage, path, managed, trusted, trashed_at, \
-     arrow_schema";
+     arrow_schema, hash_type";
 
 /// The SQLite implementation of [`CatalogStore`].
 pub struct SqliteCatalog {
@@ -204,6 +208,7 @@ fn artifact_from_row(row: &Row<'_>) -> rusqlite::Result<ArtifactRecord> {
         trusted: row.get(15)?,
         trashed_at: row.get(16)?,
         arrow_schema: row.get(17)?,
+        hash_type: row.get(18)?,
     })
 }
 
@@ -345,7 +350,7 @@ impl CatalogStore for SqliteCatalog {
             tx.execute(
                 &format!(
                     "INSERT INTO artifacts ({ARTIFACT_COLUMNS}, stem) VALUES \
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL, ?17, ?16)"
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?13, ?14, ?15, NULL, ?17, ?18, ?16)"
                 ),
                 params![
                     uid,
@@ -365,6 +370,7 @@ impl CatalogStore for SqliteCatalog {
                     new.trusted,
                     stem,
                     new.arrow_schema,
+                    new.hash_type,
                 ],
             )?;
             let record = artifact_where(tx, "uid = ?1", [&uid])?
@@ -704,6 +710,7 @@ mod tests {
 
     fn new_artifact(key: &str, hash: &str) -> NewArtifact {
         NewArtifact {
+            hash_type: "blake3".into(),
             key: key.into(),
             description: None,
             suffix: ".parquet".into(),

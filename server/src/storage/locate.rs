@@ -148,6 +148,28 @@ impl Storage {
         })
     }
 
+    /// The artifact's identity and how it was taken. A remote artifact whose every file has an
+    /// ETag is identified by them (with the sizes), as lamindb does for cloud files: no byte is
+    /// downloaded, and an object that changes gets a new ETag. Otherwise every file is streamed
+    /// once and hashed.
+    pub async fn identify(&self, located: &Located) -> Result<(String, HashKind)> {
+        let remote = located.url.scheme() != "file";
+        if remote && located.files.iter().all(|f| f.e_tag.is_some()) {
+            let file_hashes: Vec<(String, String)> = located
+                .files
+                .iter()
+                .map(|f| {
+                    let etag = f.e_tag.as_deref().unwrap_or_default();
+                    let size = f.size.to_le_bytes();
+                    let hash = hash_parts([&b"etag"[..], etag.as_bytes(), &size[..]]);
+                    (located.relative(f).to_string(), hash)
+                })
+                .collect();
+            return Ok((combine(located, file_hashes), HashKind::Etag));
+        }
+        Ok((self.hash(located).await?, HashKind::Content))
+    }
+
     /// Streams every file once and returns the artifact's content hash.
     pub async fn hash(&self, located: &Located) -> Result<String> {
         let mut file_hashes = Vec::with_capacity(located.files.len());
@@ -178,13 +200,39 @@ impl Storage {
                 encode_hash(&hasher.finalize()),
             ));
         }
-        if !located.is_folder {
-            return Ok(file_hashes.pop().map(|(_, h)| h).unwrap_or_default());
-        }
-        Ok(hash_parts(file_hashes.iter().flat_map(|(path, hash)| {
-            [path.as_bytes(), hash.as_bytes()]
-        })))
+        Ok(combine(located, file_hashes))
     }
+}
+
+/// How a record's hash was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKind {
+    /// BLAKE3 of every byte.
+    Content,
+    /// From the store's ETags and sizes, without reading the data.
+    Etag,
+}
+
+impl HashKind {
+    /// The name records carry in `hash_type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HashKind::Content => "blake3",
+            HashKind::Etag => "etag",
+        }
+    }
+}
+
+/// A single file's hash, or a folder's from its files' relative paths and hashes.
+fn combine(located: &Located, mut file_hashes: Vec<(String, String)>) -> String {
+    if !located.is_folder {
+        return file_hashes.pop().map(|(_, h)| h).unwrap_or_default();
+    }
+    hash_parts(
+        file_hashes
+            .iter()
+            .flat_map(|(path, hash)| [path.as_bytes(), hash.as_bytes()]),
+    )
 }
 
 /// A symlink inside a folder may point anywhere; refuse files whose real path leaves the folder.
