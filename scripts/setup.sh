@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: libhdf5-dev for the HDF5 reader (hdf5-metno finds it without configuration);
-# openssl makes the certificates of the TLS tests.
-apt_packages=(libhdf5-dev pkg-config openssl)
+# openssl makes the certificates of the TLS tests; postgresql is the fleet tests' shared catalog
+# (they start their own server in a temporary directory).
+apt_packages=(libhdf5-dev pkg-config openssl postgresql)
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

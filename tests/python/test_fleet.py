@@ -1,4 +1,5 @@
-"""A fleet on loopback: three servers on one shared catalog, each with its own data dir.
+"""A fleet on loopback: three servers on one shared catalog (SQLite, and a real PostgreSQL started
+here with initdb and pg_ctl as the `postgres` user), each with its own data dir.
 
 Endpoints name the live server that rendezvous hashing picks for their data; pyarrow, the Python
 package and the Rust client (the CLI) read each endpoint from its location and get what
@@ -6,8 +7,13 @@ pyarrow.dataset reads from the files; a server killed without leaving drops out 
 within the heartbeat window, and one that stops cleanly leaves at once.
 """
 
+import glob
 import json
+import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -35,9 +41,50 @@ def write_shards(folder):
                                  "x": rng.random(1000)}), part / "part-0.parquet")
 
 
-@pytest.fixture()
-def fleet(tmp_path):
-    catalog = f"sqlite://{tmp_path / 'shared' / 'catalog.sqlite'}"
+def as_postgres(*command: str, **kwargs) -> subprocess.CompletedProcess:
+    """Runs a PostgreSQL tool as the `postgres` user (as ourselves when not root)."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, *command], check=True, capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of our own on a free loopback port, in a temporary directory."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bins:
+        pytest.fail("PostgreSQL is not installed: run scripts/setup.sh")
+    bindir = bins[-1]
+    # Not under pytest's tmp_path: its parents are private to root, and initdb runs as postgres.
+    home = tempfile.mkdtemp(prefix="artiflight-pg-")
+    os.chmod(home, 0o755)
+    if os.geteuid() == 0:
+        shutil.chown(home, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = os.path.join(home, "data")
+    as_postgres(f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    as_postgres(f"{bindir}/pg_ctl", "-D", data, "-w", "-t", "60", "-l", os.path.join(home, "log"),
+                "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        yield f"postgres://postgres@127.0.0.1:{port}/postgres", bindir, port, home
+    finally:
+        as_postgres(f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fleet(request, tmp_path):
+    if request.param == "sqlite":
+        catalog = f"sqlite://{tmp_path / 'shared' / 'catalog.sqlite'}"
+    else:
+        url, bindir, port, home = request.getfixturevalue("postgres")
+        # A database of this test's own, so that tests do not see each other's records.
+        name = f"fleet_{time.monotonic_ns()}"
+        as_postgres(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), name)
+        catalog = url.rsplit("/", 1)[0] + "/" + name
+        request.node.psql = [f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", name, "-tAc"]
     write_shards(tmp_path / "files" / "shards")
     servers = [Server(tmp_path, "--catalog", catalog, "--heartbeat", HEARTBEAT, partitions=SHARDS,
                       data_dir=tmp_path / f"data{i}") for i in range(3)]
@@ -70,11 +117,17 @@ def expected_table(folder) -> pa.Table:
     return pads.dataset(folder, format="parquet", partitioning="hive").to_table().sort_by("id")
 
 
-def test_endpoints_spread_over_the_fleet_and_route_around_a_lost_server(fleet):
+def test_endpoints_spread_over_the_fleet_and_route_around_a_lost_server(fleet, request):
     servers, folder = fleet
     a, b, c = servers
     urls = {s.url for s in servers}
     artiflight.connect(a.url).register(folder, "shards")  # through one server, read through others
+    psql = getattr(request.node, "psql", None)
+    if psql:  # the records and the membership really are in PostgreSQL
+        assert as_postgres(*psql, "SELECT key FROM artifacts WHERE key = 'shards'").stdout.strip() == "shards"
+        live = wait_for(lambda: (lambda n: n if n == 3 else None)(
+            int(as_postgres(*psql, "SELECT count(*) FROM servers").stdout)), "three servers in PostgreSQL")
+        assert live == 3
 
     _, spread = wait_for(lambda: (lambda r: r if set(r[1]) == urls else None)(locations(b)),
                          "endpoints on all three servers")

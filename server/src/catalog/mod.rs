@@ -1,9 +1,11 @@
 //! The versioned catalog of artifacts and collections.
 //!
 //! Records say where an artifact lives and what it is; they never hold data. The store sits behind
-//! the small [`CatalogStore`] trait so that a shared PostgreSQL catalog can join SQLite later; the
-//! [`Catalog`] handle runs the (blocking) store calls off the async runtime.
+//! the small [`CatalogStore`] trait, implemented for SQLite (embedded, the default) and for
+//! PostgreSQL (shared by a fleet on several machines); the [`Catalog`] handle runs the (blocking)
+//! store calls off the async runtime.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use postgres::PostgresCatalog;
 pub use sqlite::SqliteCatalog;
 
 /// One version of one artifact: a file or folder in a storage, registered under a key.
@@ -254,7 +257,8 @@ impl Catalog {
     }
 
     /// Opens the catalog a `--catalog` URL names: `sqlite://PATH` (`sqlite:///abs/path` or
-    /// `sqlite://relative/path`).
+    /// `sqlite://relative/path`), or `postgres://USER@HOST:PORT/DB` for a fleet on several
+    /// machines.
     pub fn open_url(url: &str) -> Result<Self> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -263,13 +267,10 @@ impl Catalog {
             return Self::open_sqlite(std::path::Path::new(path));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(Error::invalid(
-                "PostgreSQL catalogs are not available in this build: share a sqlite:// catalog \
-                 between servers on one machine",
-            ));
+            return Ok(Self::new(PostgresCatalog::open(url)?));
         }
         Err(Error::invalid(format!(
-            "--catalog '{url}' is not a catalog URL: expected sqlite://PATH"
+            "--catalog '{url}' is not a catalog URL: expected sqlite://PATH or postgres://..."
         )))
     }
 
