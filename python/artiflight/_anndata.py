@@ -49,7 +49,21 @@ def runs(positions: np.ndarray) -> list[list[int]]:
     return np.column_stack((starts, stops)).tolist()
 
 
-class AnnDataAccessor:
+class _Sized:
+    """`n_obs` and `n_vars` from a `shape`."""
+
+    shape: tuple[int, int]
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.shape[1]
+
+
+class AnnDataAccessor(_Sized):
     """An AnnData artifact on the server. Nothing but its structure is read when opened.
 
     >>> adata = client.artifact("pbmc68k.h5ad").open()                           # doctest: +SKIP
@@ -72,14 +86,6 @@ class AnnDataAccessor:
     # --- what the structure says ---------------------------------------------------------------
 
     @property
-    def n_obs(self) -> int:
-        return self.shape[0]
-
-    @property
-    def n_vars(self) -> int:
-        return self.shape[1]
-
-    @property
     def uns(self) -> dict:
         return dict(self._structure.get("uns") or {})
 
@@ -87,25 +93,12 @@ class AnnDataAccessor:
         names = self._structure.get(kind) or []
         return list(names.keys()) if isinstance(names, dict) else list(names)
 
-    @property
-    def layers(self) -> _Elements:
-        return self[:, :].layers
-
-    @property
-    def obsm(self) -> _Elements:
-        return self[:, :].obsm
-
-    @property
-    def varm(self) -> _Elements:
-        return self[:, :].varm
-
-    @property
-    def obsp(self) -> _Elements:
-        return self[:, :].obsp
-
-    @property
-    def varp(self) -> _Elements:
-        return self[:, :].varp
+    # The whole AnnData's elements, each read when asked, as a view of everything reads them.
+    layers = property(lambda self: self[:, :].layers, doc="Layers by name, each read when asked.")
+    obsm = property(lambda self: self[:, :].obsm, doc="obsm arrays by name, each read when asked.")
+    varm = property(lambda self: self[:, :].varm, doc="varm arrays by name, each read when asked.")
+    obsp = property(lambda self: self[:, :].obsp, doc="obsp matrices by name, each read when asked.")
+    varp = property(lambda self: self[:, :].varp, doc="varp matrices by name, each read when asked.")
 
     # --- obs and var, fetched once -------------------------------------------------------------
 
@@ -221,7 +214,7 @@ def _positions(selection: Any, adata: AnnDataAccessor, axis: str) -> np.ndarray 
     raise IndexError(f"cannot select {axis} with {type(selection).__name__}")
 
 
-class AnnDataView:
+class AnnDataView(_Sized):
     """A lazy selection of an `AnnDataAccessor`: reading happens on `.X`, `.layers[name]`,
     `.obsm[name]`, ..., or `.to_memory()`."""
 
@@ -235,14 +228,6 @@ class AnnDataView:
         n_obs = self._adata.n_obs if self._obs is None else len(self._obs)
         n_vars = self._adata.n_vars if self._var is None else len(self._var)
         return (n_obs, n_vars)
-
-    @property
-    def n_obs(self) -> int:
-        return self.shape[0]
-
-    @property
-    def n_vars(self) -> int:
-        return self.shape[1]
 
     def __getitem__(self, index: Any) -> AnnDataView:
         obs, var = _split(index)

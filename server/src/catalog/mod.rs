@@ -5,6 +5,7 @@
 //! PostgreSQL (shared by a fleet on several machines); the [`Catalog`] handle runs the (blocking)
 //! store calls off the async runtime.
 
+mod ids;
 mod postgres;
 mod sqlite;
 

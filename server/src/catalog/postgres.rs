@@ -12,10 +12,10 @@
 use std::future::Future;
 
 use deadpool_postgres::{GenericClient, Pool, Runtime};
-use rand::Rng;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
+use super::ids::{self, now, uid, unix_millis};
 use super::{
     ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
     Role, TokenRecord,
@@ -234,22 +234,6 @@ impl PostgresCatalog {
 
 type BoxFut<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn new_stem() -> String {
-    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..16)
-        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
-        .collect()
-}
-
-fn uid(stem: &str, counter: u32) -> String {
-    format!("{stem}{counter:04}")
-}
-
 fn unsigned(value: Option<i64>) -> Option<u64> {
     value.and_then(|v| u64::try_from(v).ok())
 }
@@ -338,6 +322,7 @@ async fn next_version<C: GenericClient>(
     table: &str,
     key: &str,
 ) -> Result<(String, u32, u32)> {
+    let version_of = |v: i32| u32::try_from(v).unwrap_or(0);
     let latest = tx
         .query_opt(
             &format!(
@@ -347,13 +332,7 @@ async fn next_version<C: GenericClient>(
         )
         .await
         .map_err(pg("versions"))?
-        .map(|r| {
-            let uid: String = r.get(0);
-            (
-                uid.get(..16).unwrap_or(&uid).to_string(),
-                r.get::<_, i32>(1),
-            )
-        });
+        .map(|r| (r.get::<_, String>(0), version_of(r.get(1))));
     let issued = tx
         .query_opt(
             "SELECT stem, version FROM issued_versions WHERE kind = $1 AND key = $2",
@@ -361,7 +340,7 @@ async fn next_version<C: GenericClient>(
         )
         .await
         .map_err(pg("issued versions"))?
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)));
+        .map(|r| (r.get::<_, String>(0), version_of(r.get(1))));
     if latest.is_some() {
         tx.execute(
             &format!("UPDATE {table} SET is_latest = FALSE WHERE key = $1"),
@@ -370,28 +349,16 @@ async fn next_version<C: GenericClient>(
         .await
         .map_err(pg("latest"))?;
     }
-    let (stem, last) = match (latest, issued) {
-        (Some(a), Some(b)) => {
-            if a.1 >= b.1 {
-                a
-            } else {
-                b
-            }
-        }
-        (Some(one), None) | (None, Some(one)) => one,
-        (None, None) => (new_stem(), 0),
-    };
-    let version = last
-        .checked_add(1)
-        .ok_or_else(|| Error::invalid(format!("'{key}' has no versions left")))?;
+    let (stem, version) = ids::next_version(key, latest, issued)?;
+    let stored = i32::try_from(version)
+        .map_err(|_| Error::invalid(format!("'{key}' has no versions left")))?;
     tx.execute(
         "INSERT INTO issued_versions (kind, key, stem, version) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (kind, key) DO UPDATE SET stem = excluded.stem, version = excluded.version",
-        &[&table, &key, &stem, &version],
+        &[&table, &key, &stem, &stored],
     )
     .await
     .map_err(pg("issued versions"))?;
-    let version = u32::try_from(version).unwrap_or(0);
     Ok((stem, version - 1, version))
 }
 
@@ -420,11 +387,6 @@ fn not_found(key: &str, uid: Option<&str>) -> Error {
         Some(uid) => format!("no version '{uid}' of key '{key}'"),
         None => format!("no artifact or collection with key '{key}'"),
     })
-}
-
-fn unix_millis(at: std::time::SystemTime) -> i64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl CatalogStore for PostgresCatalog {
@@ -761,11 +723,7 @@ impl CatalogStore for PostgresCatalog {
     }
 
     fn create_token(&self, name: &str, role: Role, hash: &str) -> Result<TokenRecord> {
-        if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == ':') {
-            return Err(Error::invalid(format!(
-                "invalid token name {name:?}: expected 1 to 128 printable characters without ':'"
-            )));
-        }
+        ids::check_token_name(name)?;
         let (name, hash) = (name.to_owned(), hash.to_owned());
         self.write(move |tx| {
             Box::pin(async move {

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rand::Rng;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 
+use super::ids::{self, now, uid, unix_millis};
 use super::{
     ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
     Role, TokenRecord,
@@ -172,22 +172,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn new_stem() -> String {
-    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..16)
-        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
-        .collect()
-}
-
-fn uid(stem: &str, counter: u32) -> String {
-    format!("{stem}{counter:04}")
-}
-
 fn artifact_from_row(row: &Row<'_>) -> rusqlite::Result<ArtifactRecord> {
     Ok(ArtifactRecord {
         uid: row.get(0)?,
@@ -294,21 +278,7 @@ fn next_version(tx: &Transaction<'_>, table: &str, key: &str) -> Result<(String,
             [key],
         )?;
     }
-    let from_latest = latest.map(|(uid, v)| (uid.get(..16).unwrap_or(&uid).to_string(), v));
-    let (stem, last) = match (from_latest, issued) {
-        (Some(a), Some(b)) => {
-            if a.1 >= b.1 {
-                a
-            } else {
-                b
-            }
-        }
-        (Some(one), None) | (None, Some(one)) => one,
-        (None, None) => (new_stem(), 0),
-    };
-    let version = last
-        .checked_add(1)
-        .ok_or_else(|| Error::invalid(format!("'{key}' has no versions left")))?;
+    let (stem, version) = ids::next_version(key, latest, issued)?;
     tx.execute(
         "INSERT INTO issued_versions (kind, key, stem, version) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (kind, key) DO UPDATE SET stem = excluded.stem, version = excluded.version",
@@ -588,11 +558,7 @@ impl CatalogStore for SqliteCatalog {
     }
 
     fn create_token(&self, name: &str, role: Role, hash: &str) -> Result<TokenRecord> {
-        if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == ':') {
-            return Err(Error::invalid(format!(
-                "invalid token name {name:?}: expected 1 to 128 printable characters without ':'"
-            )));
-        }
+        ids::check_token_name(name)?;
         self.write(|tx| {
             let exists: Option<String> = tx
                 .query_row("SELECT name FROM tokens WHERE name = ?1", [name], |r| {
@@ -696,12 +662,6 @@ impl CatalogStore for SqliteCatalog {
             Ok(())
         })
     }
-}
-
-/// Milliseconds since the Unix epoch (0 before it), as the servers table keeps time.
-fn unix_millis(at: std::time::SystemTime) -> i64 {
-    at.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

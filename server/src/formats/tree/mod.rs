@@ -277,28 +277,23 @@ impl Element<'_> {
                 } else {
                     ("obs", "obs_names")
                 };
-                let mut filtered = false;
-                let mut df = if !is_var && request.obs_ranges.is_some() {
-                    // Rows by position: selected where the positions are known.
+                // Rows by position (`obs_ranges`), or the variables in the order `var_names` gives
+                // them: selected here, where positions are known, with every column.
+                let by_position = !is_var && request.obs_ranges.is_some();
+                let by_var =
+                    is_var && (request.var_names.is_some() || request.var_filter.is_some());
+                let mut df = if by_position || by_var {
                     let frame = self.frame(path, index, false).await?;
                     let columns = BlockSource::schema(&frame)
                         .fields()
                         .iter()
                         .map(|f| f.name().clone())
                         .collect();
-                    let (_, batch) = self.select_obs_with(columns).await?;
-                    filtered = true;
-                    let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
-                    self.ctx.read_table(Arc::new(table))?
-                } else if is_var && (request.var_names.is_some() || request.var_filter.is_some()) {
-                    // The selected variables, in the order `var_names` gives them.
-                    let frame = self.frame(path, index, false).await?;
-                    let columns = BlockSource::schema(&frame)
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().clone())
-                        .collect();
-                    let (_, batch) = self.select_vars_with(columns).await?;
+                    let (_, batch) = if by_position {
+                        self.select_obs_with(columns).await?
+                    } else {
+                        self.select_vars_with(columns).await?
+                    };
                     let table = MemTable::try_new(batch.schema(), vec![vec![batch]])?;
                     self.ctx.read_table(Arc::new(table))?
                 } else {
@@ -310,7 +305,8 @@ impl Element<'_> {
                     let parts = frame.len().div_ceil(1 << 20).max(1);
                     self.ctx.read_table(frame_table(frame, parts))?
                 };
-                if let Some(filter) = request.filter.as_ref().filter(|_| !filtered) {
+                // Selecting by position applied `filter` already.
+                if let Some(filter) = request.filter.as_ref().filter(|_| !by_position) {
                     df = apply_filter(self.ctx, df, filter)?;
                 }
                 if let Some(columns) = &request.columns {
