@@ -63,6 +63,8 @@ impl Fleet {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
+        // A catalog that refuses writes (a read-only data dir) is said once, not every beat.
+        let mut failing = false;
         loop {
             tokio::select! {
                 () = &mut stop => break,
@@ -74,6 +76,7 @@ impl Fleet {
             };
             match seen {
                 Ok(mut live) => {
+                    failing = false;
                     if !live.contains(&self.advertise) {
                         live.push(self.advertise.clone());
                         live.sort();
@@ -82,7 +85,11 @@ impl Fleet {
                         *slot = Arc::new(live);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e.chain(), "fleet heartbeat failed"),
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e.chain(), "fleet heartbeat failed (said once until it works)");
+                }
+                Err(e) => tracing::debug!(error = %e.chain(), "fleet heartbeat failed"),
             }
         }
         if let Err(e) = catalog.leave(&self.advertise).await {
