@@ -13,6 +13,7 @@ use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
 use crate::error::{Error, Result, guard_reader};
 use crate::formats::{self, ReadRequest};
 use crate::query::{Planner, unify_schemas};
+use crate::storage::HashKind;
 use crate::storage::managed::{
     self, COMMITS_LOCK, Lock, UPLOADS_LOCK, Upload, sync_dir, sync_tree,
 };
@@ -55,17 +56,19 @@ impl Registry {
         check_key(key)?;
         let storage = self.planner.storage();
         let url = storage.resolve(location, !trusted)?;
-        self.register_url(url, key, description, trusted, false)
+        self.register_url(url, key, description, trusted, None)
             .await
     }
 
+    /// Registers what `url` names. `managed` is the content hash of an upload just committed to
+    /// managed storage: it names the file already, so the bytes are not read a second time.
     async fn register_url(
         &self,
         url: Url,
         key: &str,
         description: Option<String>,
         trusted: bool,
-        managed: bool,
+        managed: Option<String>,
     ) -> Result<(ArtifactRecord, bool)> {
         let storage = self.planner.storage();
         let located = storage.locate(&url).await?;
@@ -74,7 +77,10 @@ impl Registry {
         self.planner.use_store(&located);
         let ctx = self.planner.session();
         let inspection = guard_reader(&url, format.inspect(&ctx, &located)).await?;
-        let (hash, hash_kind) = storage.identify(&located).await?;
+        let (hash, hash_kind) = match &managed {
+            Some(hash) => (hash.clone(), HashKind::Content),
+            None => storage.identify(&located).await?,
+        };
         let new = NewArtifact {
             key: key.to_string(),
             description,
@@ -88,7 +94,7 @@ impl Registry {
             // The located URL: a remote folder named without its slash is recorded with it.
             storage: storage.storage_root(&located.url),
             path: located.url.to_string(),
-            managed,
+            managed: managed.is_some(),
             trusted,
             arrow_schema: inspection
                 .schema
@@ -226,7 +232,7 @@ impl Registry {
                     .map_err(|e| Error::internal_from("sync failed", e))?
                     .map_err(|e| Error::io(target.display(), e))?;
             }
-            this.register_url(url(&target)?, &key, description, true, true)
+            this.register_url(url(&target)?, &key, description, true, Some(hash))
                 .await
         })
         .await

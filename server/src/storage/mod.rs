@@ -8,7 +8,7 @@ mod locate;
 pub(crate) mod managed;
 
 pub use lease::{Lease, Leases};
-pub use locate::{Located, hash_parts};
+pub use locate::{HashKind, Located, hash_parts};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
