@@ -80,6 +80,15 @@ pub fn default_query_memory() -> usize {
 }
 
 impl ServerOptions {
+    /// The URL scheme clients use: `grpc+tls` when serving TLS, else `grpc`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "grpc+tls"
+        } else {
+            "grpc"
+        }
+    }
+
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -162,18 +171,13 @@ impl Server {
     ) -> Result<()> {
         // A crash (kill -9) mid-upload leaves files no record names: swept before serving.
         self.registry.sweep_uploads().await;
-        let scheme = if self.options.tls.is_some() {
-            "grpc+tls"
-        } else {
-            "grpc"
-        };
         let advertise = match &self.options.advertise {
             Some(uri) => uri.clone(),
             None => {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| error::Error::internal_from("the listening address", e))?;
-                format!("{scheme}://{addr}")
+                format!("{}://{addr}", self.options.scheme())
             }
         };
         let fleet = Fleet::new(advertise);

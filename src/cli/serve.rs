@@ -197,13 +197,8 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
             "--auth is on but no token exists: create one with `artiflight token create`"
         );
     }
-    let scheme = if opts.tls.is_some() {
-        "grpc+tls"
-    } else {
-        "grpc"
-    };
     // Scripts and tests read this line to find the port when --addr ends in :0.
-    println!("artiflight listening on {scheme}://{addr}");
+    println!("artiflight listening on {}://{addr}", opts.scheme());
     tracing::info!(%addr, data_dir = %server.planner().storage().data_dir().display(), "serving");
     server.serve(listener, shutdown_signal()).await?;
     // The catalog closes with the last handle on it, which checkpoints its write-ahead log.
