@@ -83,7 +83,6 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let plain = |v: u64| vec![(String::new(), v as f64)];
         let calls: Vec<(String, f64)> = self
             .calls
             .lock()
@@ -97,76 +96,80 @@ impl Metrics {
             "Calls received, by RPC.",
             &calls,
         );
-        metric(
-            "artiflight_rows_sent_total",
-            "counter",
-            "Rows sent in DoGet streams.",
-            &plain(self.rows_sent.load(Relaxed)),
-        );
-        metric(
-            "artiflight_bytes_sent_total",
-            "counter",
-            "Arrow IPC body bytes sent in DoGet streams.",
-            &plain(self.bytes_sent.load(Relaxed)),
-        );
-        metric(
-            "artiflight_streams_open",
-            "gauge",
-            "DoGet streams running now.",
-            &[(String::new(), self.streams_open.load(Relaxed) as f64)],
-        );
-        metric(
-            "artiflight_streams_started_total",
-            "counter",
-            "DoGet streams started.",
-            &plain(self.streams_started.load(Relaxed)),
-        );
-        metric(
-            "artiflight_queue_waits_total",
-            "counter",
-            "DoGets that asked for a stream slot (--max-streams).",
-            &plain(self.queue_waits.load(Relaxed)),
-        );
-        metric(
-            "artiflight_queue_wait_seconds_total",
-            "counter",
-            "Time DoGets spent waiting for a stream slot.",
-            &[(
-                String::new(),
-                self.queue_wait_micros.load(Relaxed) as f64 / 1e6,
-            )],
-        );
-        metric(
-            "artiflight_queue_refusals_total",
-            "counter",
-            "DoGets refused after --queue-timeout.",
-            &plain(self.queue_refusals.load(Relaxed)),
-        );
-        metric(
-            "artiflight_query_memory_bytes",
-            "gauge",
-            "Query memory reserved now (--max-query-memory is the bound).",
-            &plain(planner.memory_reserved() as u64),
-        );
-        if let Some((hits, misses, held)) = planner.storage().cache_counts() {
-            metric(
-                "artiflight_range_cache_hits_total",
+        let mut single = vec![
+            (
+                "artiflight_rows_sent_total",
                 "counter",
-                "Remote reads served from the range cache.",
-                &plain(hits),
-            );
-            metric(
-                "artiflight_range_cache_misses_total",
+                "Rows sent in DoGet streams.",
+                self.rows_sent.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_bytes_sent_total",
                 "counter",
-                "Remote reads that went to the store.",
-                &plain(misses),
-            );
-            metric(
-                "artiflight_range_cache_bytes",
+                "Arrow IPC body bytes sent in DoGet streams.",
+                self.bytes_sent.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_streams_open",
                 "gauge",
-                "Bytes held by the range cache (--cache-size is the bound).",
-                &plain(held),
-            );
+                "DoGet streams running now.",
+                self.streams_open.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_streams_started_total",
+                "counter",
+                "DoGet streams started.",
+                self.streams_started.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_queue_waits_total",
+                "counter",
+                "DoGets that asked for a stream slot (--max-streams).",
+                self.queue_waits.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_queue_wait_seconds_total",
+                "counter",
+                "Time DoGets spent waiting for a stream slot.",
+                self.queue_wait_micros.load(Relaxed) as f64 / 1e6,
+            ),
+            (
+                "artiflight_queue_refusals_total",
+                "counter",
+                "DoGets refused after --queue-timeout.",
+                self.queue_refusals.load(Relaxed) as f64,
+            ),
+            (
+                "artiflight_query_memory_bytes",
+                "gauge",
+                "Query memory reserved now (--max-query-memory is the bound).",
+                planner.memory_reserved() as f64,
+            ),
+        ];
+        if let Some((hits, misses, held)) = planner.storage().cache_counts() {
+            single.extend([
+                (
+                    "artiflight_range_cache_hits_total",
+                    "counter",
+                    "Remote reads served from the range cache.",
+                    hits as f64,
+                ),
+                (
+                    "artiflight_range_cache_misses_total",
+                    "counter",
+                    "Remote reads that went to the store.",
+                    misses as f64,
+                ),
+                (
+                    "artiflight_range_cache_bytes",
+                    "gauge",
+                    "Bytes held by the range cache (--cache-size is the bound).",
+                    held as f64,
+                ),
+            ]);
+        }
+        for (name, kind, help, value) in single {
+            metric(name, kind, help, &[(String::new(), value)]);
         }
         out
     }
