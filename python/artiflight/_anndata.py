@@ -49,10 +49,20 @@ def runs(positions: np.ndarray) -> list[list[int]]:
     return np.column_stack((starts, stops)).tolist()
 
 
-class _Sized:
-    """`n_obs` and `n_vars` from a `shape`."""
+class _Axes:
+    """`n_obs`, `n_vars`, `obs_names` and `var_names`, from a `shape`, `obs` and `var`."""
 
     shape: tuple[int, int]
+    obs: pd.DataFrame
+    var: pd.DataFrame
+
+    @property
+    def obs_names(self) -> pd.Index:
+        return self.obs.index
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.var.index
 
     @property
     def n_obs(self) -> int:
@@ -63,7 +73,7 @@ class _Sized:
         return self.shape[1]
 
 
-class AnnDataAccessor(_Sized):
+class AnnDataAccessor(_Axes):
     """An AnnData artifact on the server. Nothing but its structure is read when opened.
 
     >>> adata = client.artifact("pbmc68k.h5ad").open()                           # doctest: +SKIP
@@ -140,14 +150,6 @@ class AnnDataAccessor(_Sized):
             self._var = self._frame("var")
         return self._var
 
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
-
-    @property
-    def var_names(self) -> pd.Index:
-        return self.var.index
-
     # --- slicing ---------------------------------------------------------------------------------
 
     def __getitem__(self, index: Any) -> AnnDataView:
@@ -181,7 +183,7 @@ def _split(index: Any) -> tuple[Any, Any]:
     return index, slice(None)
 
 
-def _positions(selection: Any, adata: AnnDataAccessor, axis: str) -> np.ndarray | None:
+def _positions(selection: Any, adata: _Axes, axis: str) -> np.ndarray | None:
     """Positions on `axis` that `selection` picks (None for all), as anndata understands it:
     a slice, a boolean mask, integers, or names."""
     n = adata.n_obs if axis == "obs" else adata.n_vars
@@ -214,7 +216,7 @@ def _positions(selection: Any, adata: AnnDataAccessor, axis: str) -> np.ndarray 
     raise IndexError(f"cannot select {axis} with {type(selection).__name__}")
 
 
-class AnnDataView(_Sized):
+class AnnDataView(_Axes):
     """A lazy selection of an `AnnDataAccessor`: reading happens on `.X`, `.layers[name]`,
     `.obsm[name]`, ..., or `.to_memory()`."""
 
@@ -231,8 +233,8 @@ class AnnDataView(_Sized):
 
     def __getitem__(self, index: Any) -> AnnDataView:
         obs, var = _split(index)
-        sub_obs = _positions(obs, _Shaped(self), "obs")
-        sub_var = _positions(var, _Shaped(self), "var")
+        sub_obs = _positions(obs, self, "obs")
+        sub_var = _positions(var, self, "var")
         return AnnDataView(self._adata, _compose(self._obs, sub_obs), _compose(self._var, sub_var))
 
     @property
@@ -243,14 +245,6 @@ class AnnDataView(_Sized):
     @property
     def var(self) -> pd.DataFrame:
         return self._adata.var if self._var is None else _used(self._adata.var.iloc[self._var])
-
-    @property
-    def obs_names(self) -> pd.Index:
-        return self.obs.index
-
-    @property
-    def var_names(self) -> pd.Index:
-        return self.var.index
 
     @property
     def uns(self) -> dict:
@@ -345,22 +339,6 @@ class AnnDataView(_Sized):
             if names:
                 lines.append(f"  {kind}: {names}")
         return "\n".join(lines)
-
-
-class _Shaped:
-    """A view's shape and names, as `_positions` reads them from an accessor."""
-
-    def __init__(self, view: AnnDataView):
-        self.n_obs, self.n_vars = view.shape
-        self._view = view
-
-    @property
-    def obs_names(self) -> pd.Index:
-        return self._view.obs_names
-
-    @property
-    def var_names(self) -> pd.Index:
-        return self._view.var_names
 
 
 def _used(frame: pd.DataFrame) -> pd.DataFrame:
