@@ -58,13 +58,22 @@ pub struct ServerOptions {
     /// The catalog: `sqlite://PATH` (default: `catalog.sqlite` in the data dir), shared by a
     /// fleet's servers.
     pub catalog: Option<String>,
+    /// Where uploads are kept: a remote prefix (`s3://bucket/prefix`) that a fleet shares
+    /// (default: `objects/` in the data dir).
+    pub managed_storage: Option<String>,
     /// Where clients and other servers reach this server (default: the listening address).
     pub advertise: Option<String>,
     /// How often this server renews its place in the fleet; it drops out after five missed.
     pub heartbeat: std::time::Duration,
     /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
     pub metrics_addr: Option<String>,
+    /// In a fleet, bytes of files each scan task of a distributed SQL statement reads: a smaller
+    /// table runs on one server.
+    pub sql_task_bytes: usize,
 }
+
+/// datafusion-distributed's own default: 16 MiB of files per scan partition.
+pub const DEFAULT_SQL_TASK_BYTES: usize = 16 << 20;
 
 /// A quarter of the machine's memory, the default bound of query memory.
 pub fn default_query_memory() -> usize {
@@ -102,9 +111,11 @@ impl ServerOptions {
             cache_bytes: 1 << 30,
             max_query_memory: default_query_memory(),
             catalog: None,
+            managed_storage: None,
             advertise: None,
             heartbeat: std::time::Duration::from_secs(2),
             metrics_addr: None,
+            sql_task_bytes: DEFAULT_SQL_TASK_BYTES,
         }
     }
 }
@@ -119,10 +130,12 @@ pub struct Server {
 impl Server {
     /// Opens (creating if needed) the data dir and its catalog.
     pub fn open(options: &ServerOptions) -> Result<Self> {
-        let storage = Arc::new(
-            Storage::new(&options.data_dir, &options.allow_roots)?
-                .with_range_cache(options.cache_bytes)?,
-        );
+        let mut storage = Storage::new(&options.data_dir, &options.allow_roots)?
+            .with_range_cache(options.cache_bytes)?;
+        if let Some(url) = &options.managed_storage {
+            storage = storage.with_managed_storage(url)?;
+        }
+        let storage = Arc::new(storage);
         let catalog = match &options.catalog {
             Some(url) => Catalog::open_url(url)?,
             None => Catalog::open_sqlite(&storage.data_dir().join("catalog.sqlite"))?,
@@ -186,7 +199,7 @@ impl Server {
             self.options.auth,
             self.options.limits.clone(),
         )?
-        .with_fleet(Arc::clone(&fleet));
+        .with_fleet(Arc::clone(&fleet), self.options.sql_task_bytes);
         // The heartbeat stops (and the server leaves the fleet) when serving ends, however it ends.
         let (stopping, mut stopped) = tokio::sync::watch::channel(());
         let heartbeat = tokio::spawn(fleet.run(

@@ -9,14 +9,12 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use url::Url;
 
-use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, NewArtifact};
+use crate::catalog::{ArtifactRecord, CollectionRecord, Entry, ManagedLock, NewArtifact};
 use crate::error::{Error, Result, guard_reader};
 use crate::formats::{self, ReadRequest};
 use crate::query::{Planner, unify_schemas};
-use crate::storage::HashKind;
-use crate::storage::managed::{
-    self, COMMITS_LOCK, Lock, UPLOADS_LOCK, Upload, sync_dir, sync_tree,
-};
+use crate::storage::managed::{self, Upload, sync_dir, sync_tree};
+use crate::storage::{Doomed, HashKind, ManagedStorage};
 
 /// Writes to the catalog and managed storage.
 #[derive(Clone)]
@@ -149,7 +147,7 @@ impl Registry {
         S: Stream<Item = Result<RecordBatch>> + Unpin,
     {
         check_key(key)?;
-        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        let lease = self.hold_uploads().await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "parquet");
         let path = upload.path.clone();
         let written = async {
@@ -195,7 +193,8 @@ impl Registry {
         let key = key.to_string();
         tokio::spawn(async move {
             let _lease = lease;
-            let _commit = this.lock(COMMITS_LOCK, Lock::Shared).await?;
+            let catalog = this.planner.catalog();
+            let _commit = catalog.lock_managed(ManagedLock::Shared).await?;
             let storage = this.planner.storage();
             let folder = upload.path.is_dir();
             let url = |path: &std::path::Path| {
@@ -216,10 +215,21 @@ impl Registry {
             let hash = storage
                 .hash(&storage.locate(&url(&upload.path)?).await?)
                 .await?;
+            let name = format!("{hash}.{}", upload.extension);
+            if let ManagedStorage::Remote(prefix) = storage.managed() {
+                // Content-addressed: the same upload twice is the same object, written twice.
+                // The staged file goes when `upload` is dropped.
+                let target = prefix
+                    .join(&name)
+                    .map_err(|e| Error::internal_from("managed object URL", e))?;
+                let (store, path) = storage.object_store(&target)?;
+                managed::copy_to_store(&upload.path, store.as_ref(), &path).await?;
+                return this
+                    .register_url(target, &key, description, true, Some(hash))
+                    .await;
+            }
             // Content-addressed: the same upload twice is one file.
-            let target = storage
-                .managed_dir()
-                .join(format!("{hash}.{}", upload.extension));
+            let target = storage.managed_dir().join(name);
             if !(folder && target.exists()) {
                 // A file renames over its identical twin; a folder cannot, and need not.
                 tokio::fs::rename(&upload.path, &target)
@@ -295,7 +305,13 @@ impl Registry {
                 values.len()
             )));
         }
-        let lease = self.lock(UPLOADS_LOCK, Lock::Shared).await?;
+        if let ManagedStorage::Remote(prefix) = self.planner.storage().managed() {
+            return Err(Error::invalid(format!(
+                "add_column writes new versions into local managed storage, and this server \
+                 keeps uploads at {prefix}: run add_column on a server without --managed-storage"
+            )));
+        }
+        let lease = self.hold_uploads().await?;
         let upload = Upload::new(&self.planner.storage().managed_dir(), "zarr");
         let (to, frame, column) = (upload.path.clone(), element.to_string(), name.to_string());
         let (this, key, description) = (self.clone(), key.to_string(), record.description.clone());
@@ -313,9 +329,9 @@ impl Registry {
         .map_err(|e| Error::internal_from("add_column failed", e))?
     }
 
-    /// Takes one of managed storage's lock files, waiting for it.
-    async fn lock(&self, name: &'static str, how: Lock) -> Result<std::fs::File> {
-        managed::lock(&self.planner.storage().managed_dir(), name, how).await
+    /// Holds the uploads lock of the local managed folder, so a sweep leaves this upload alone.
+    async fn hold_uploads(&self) -> Result<std::fs::File> {
+        managed::hold_uploads(&self.planner.storage().managed_dir()).await
     }
 
     /// Removes what a crashed upload left in managed storage: partial `.upload-*` files, and
@@ -360,9 +376,13 @@ impl Registry {
         if deleted.orphaned_paths.is_empty() {
             return Ok(deleted.entries);
         }
-        // No upload is between its rename and its commit while this is held, and what they
-        // committed is visible: a path that a record names again stays.
-        let _commits = self.lock(COMMITS_LOCK, Lock::Exclusive).await?;
+        // No upload on any server is between writing its file and committing its record while
+        // this is held, and what they committed is visible: a path a record names again stays.
+        let _commits = self
+            .planner
+            .catalog()
+            .lock_managed(ManagedLock::Exclusive)
+            .await?;
         let used: std::collections::HashSet<String> = self
             .planner
             .catalog()
@@ -371,18 +391,27 @@ impl Registry {
             .into_iter()
             .collect();
         let storage = self.planner.storage();
-        let managed = storage.managed_dir();
         for path in deleted.orphaned_paths.iter().filter(|p| !used.contains(*p)) {
-            if let Some(file) = Url::parse(path).ok().and_then(|u| u.to_file_path().ok())
-                && file.starts_with(&managed)
-            {
-                // Streams still reading it finish first: removal waits for their leases.
-                let leases = std::sync::Arc::clone(storage.leases());
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || leases.remove_when_unread(&path, file))
-                    .await
-                    .map_err(|e| Error::internal_from("removing deleted files failed", e))?;
+            if !storage.is_managed(path) {
+                continue;
             }
+            let Ok(url) = Url::parse(path) else {
+                continue;
+            };
+            let doomed = match url.to_file_path() {
+                Ok(file) => Doomed::File(file),
+                Err(()) => {
+                    let (store, object) = storage.object_store(&url)?;
+                    Doomed::Object(store, object)
+                }
+            };
+            // Streams of this server still reading it finish first: removal waits for their
+            // leases.
+            let leases = std::sync::Arc::clone(storage.leases());
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || leases.remove_when_unread(&path, doomed))
+                .await
+                .map_err(|e| Error::internal_from("removing deleted files failed", e))?;
         }
         Ok(deleted.entries)
     }

@@ -62,6 +62,10 @@ struct Global {
     /// share one.
     #[arg(long, global = true, env = "ARTIFLIGHT_CATALOG")]
     catalog: Option<String>,
+    /// Where uploads are kept: a prefix such as s3://bucket/prefix that a fleet's servers share
+    /// (default: objects/ in the data dir).
+    #[arg(long, global = true, env = "ARTIFLIGHT_MANAGED_STORAGE")]
+    managed_storage: Option<String>,
     /// Logs on stderr as lines for people (`text`) or one JSON object per line (`json`).
     #[arg(
         long,
@@ -150,6 +154,7 @@ impl Global {
         ServerOptions {
             cache_bytes: 0,
             catalog: self.catalog.clone(),
+            managed_storage: self.managed_storage.clone(),
             ..ServerOptions::new(&self.data_dir)
         }
     }

@@ -86,6 +86,10 @@ pub(crate) struct Serve {
     /// misses five renewals drops out of endpoint locations.
     #[arg(long, env = "ARTIFLIGHT_HEARTBEAT", default_value = "2s")]
     heartbeat: String,
+    /// In a fleet, how many bytes of files each task of a distributed SQL statement scans: a
+    /// join or aggregate over tables larger than this runs its stages on several servers.
+    #[arg(long, env = "ARTIFLIGHT_SQL_TASK_BYTES", default_value = "16MiB")]
+    sql_task_bytes: String,
     #[arg(long, env = "ARTIFLIGHT_MAX_CONNECTION_STREAMS", default_value_t = 100)]
     max_connection_streams: u32,
 }
@@ -157,6 +161,8 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
     opts.auth = serve.auth;
     opts.advertise = serve.advertise.clone();
     opts.metrics_addr = serve.metrics_addr.clone();
+    let task_bytes = parse_size(&serve.sql_task_bytes).context("--sql-task-bytes")?;
+    opts.sql_task_bytes = usize::try_from(task_bytes).unwrap_or(usize::MAX).max(1);
     opts.heartbeat = parse_duration(&serve.heartbeat).context("--heartbeat")?;
     if opts.heartbeat.is_zero() {
         bail!("--heartbeat must be more than 0");

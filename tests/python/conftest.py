@@ -1,9 +1,12 @@
 """Fixtures: a real artiflight server binary on 127.0.0.1 with an ephemeral port."""
 
+import contextlib
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -68,6 +71,46 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_server(*buckets: str):
+    """A real S3-compatible server (moto) on a free loopback port with `buckets` made. Yields its
+    port and a boto3 client for it."""
+    import boto3
+
+    port = free_port()
+    moto = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and moto.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield port, client
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
+
+
+# What a server needs to reach moto on `port`.
+def s3_env(port: int) -> dict:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
-from conftest import Server, binary
+from conftest import Server, binary, moto_server, s3_env
 
 HEARTBEAT = "200ms"
 # Five missed heartbeats and a server is out; the polls below allow twice that and more.
@@ -74,24 +74,36 @@ def postgres():
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def fleet(request, tmp_path):
-    if request.param == "sqlite":
-        catalog = f"sqlite://{tmp_path / 'shared' / 'catalog.sqlite'}"
-    else:
-        url, bindir, port, home = request.getfixturevalue("postgres")
-        # A database of this test's own, so that tests do not see each other's records.
-        name = f"fleet_{time.monotonic_ns()}"
-        as_postgres(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), name)
-        catalog = url.rsplit("/", 1)[0] + "/" + name
-        request.node.psql = [f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", name, "-tAc"]
-    write_shards(tmp_path / "files" / "shards")
-    servers = [Server(tmp_path, "--catalog", catalog, "--heartbeat", HEARTBEAT, partitions=SHARDS,
-                      data_dir=tmp_path / f"data{i}") for i in range(3)]
-    yield servers, tmp_path / "files" / "shards"
+def shared_catalog(request, tmp_path, kind: str) -> str:
+    """A catalog URL that a fleet shares: a SQLite file, or a database of this test's own in the
+    module's PostgreSQL (so that tests do not see each other's records)."""
+    if kind == "sqlite":
+        return f"sqlite://{tmp_path / 'shared' / 'catalog.sqlite'}"
+    url, bindir, port, home = request.getfixturevalue("postgres")
+    name = f"fleet_{time.monotonic_ns()}"
+    as_postgres(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), name)
+    request.node.psql = [f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-d", name, "-tAc"]
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def start_fleet(tmp_path, catalog, *args, env=None, partitions=SHARDS):
+    return [Server(tmp_path, "--catalog", catalog, "--heartbeat", HEARTBEAT, *args, env=env,
+                   partitions=partitions, data_dir=tmp_path / f"data{i}") for i in range(3)]
+
+
+def stop_fleet(servers):
     for s in servers:
         if s.proc.poll() is None:
             s.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fleet(request, tmp_path):
+    catalog = shared_catalog(request, tmp_path, request.param)
+    write_shards(tmp_path / "files" / "shards")
+    servers = start_fleet(tmp_path, catalog)
+    yield servers, tmp_path / "files" / "shards"
+    stop_fleet(servers)
 
 
 def locations(server, key="shards"):
@@ -205,6 +217,174 @@ def test_concurrent_writers_on_two_servers_keep_every_version_and_one_latest(fle
     assert len(versions) == 10
     assert sorted(v["version"] for v in versions) == list(range(1, 11))
     assert sum(v["is_latest"] for v in versions) == 1
+
+
+BUCKET = "managed"
+
+
+def objects(s3, prefix="uploads/"):
+    answer = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in answer.get("Contents", []))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_uploads_to_shared_s3_storage_are_read_by_every_server(request, tmp_path, kind):
+    catalog = shared_catalog(request, tmp_path, kind)
+    with moto_server(BUCKET) as (port, s3):
+        servers = start_fleet(tmp_path, catalog, "--managed-storage", f"s3://{BUCKET}/uploads",
+                              env=s3_env(port), partitions=2)
+        try:
+            a, b, c = servers
+            table = pa.table({"id": np.arange(5000), "x": np.random.default_rng(3).random(5000)})
+            saved = artiflight.connect(a.url).save(table, "shared")
+            assert saved.path.startswith(f"s3://{BUCKET}/uploads/") and saved.path.endswith(".parquet")
+            # The staged copy is gone from the uploading server's data dir; the object is in S3.
+            assert not list((a.data_dir / "objects").glob("*.parquet"))
+            assert objects(s3) == [saved.path.removeprefix(f"s3://{BUCKET}/")]
+            for server in (b, c):  # read through the others
+                got = artiflight.connect(server.url).artifact("shared").open().to_table()
+                assert got.sort_by("id").equals(table)
+
+            # The same content through another server is the same record, and the same object.
+            twin = artiflight.connect(b.url).save(table, "twin")
+            assert (twin.key, twin.uid) == ("shared", saved.uid) and len(objects(s3)) == 1
+            # Deleted through the server that wrote it: the readers' servers hold leases on what
+            # they planned, and would remove it when those end.
+            artiflight.connect(a.url).artifact("shared").delete(permanent=True)
+            assert objects(s3) == []
+
+            # Deletes on one server race identical uploads on another: the catalog's lock keeps
+            # the object of every record an upload commits.
+            errors, small = [], pa.table({"v": np.arange(100)})
+
+            def churn(server, key, delete, rounds=8):
+                try:
+                    client, reader = artiflight.connect(server.url), artiflight.connect(c.url)
+                    for _ in range(rounds):
+                        record = client.save(small, key)
+                        if record.key != key:  # the other writer's record, returned as a twin
+                            continue
+                        if delete:
+                            record.delete(permanent=True)
+                        else:
+                            assert reader.artifact(key).open().to_table().equals(small)
+                except Exception as e:  # noqa: BLE001 (reported below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=churn, args=(a, "churn-deleted", True)),
+                       threading.Thread(target=churn, args=(b, "churn-kept", False))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=180)
+            assert not errors, errors
+            kept = artiflight.connect(b.url).save(small, "churn-kept")
+            assert kept.key == "churn-kept"
+            assert objects(s3) == [kept.path.removeprefix(f"s3://{BUCKET}/")]
+            assert artiflight.connect(c.url).artifact("churn-kept").open().to_table().equals(small)
+        finally:
+            stop_fleet(servers)
+
+
+def scrape(server) -> str:
+    import re
+    import urllib.request
+
+    url = re.search(r"metrics on (http://\S+/metrics)", server.stderr()).group(1)
+    return urllib.request.urlopen(url, timeout=30).read().decode()
+
+
+def worker_calls(server) -> int:
+    import re
+
+    found = re.search(r'artiflight_calls_total\{rpc="ExecuteTask"\} (\d+)', scrape(server))
+    return int(found.group(1)) if found else 0
+
+
+def test_sql_that_exchanges_data_runs_its_stages_across_the_fleet(request, tmp_path):
+    import adbc_driver_flightsql.dbapi as flightsql
+    import duckdb
+
+    # Big enough at 64 KiB per task to need every server; a 10-million-row run is in BENCHMARKS.md.
+    rows, files = 400_000, 8
+    facts = tmp_path / "files" / "facts"
+    facts.mkdir(parents=True)
+    rng = np.random.default_rng(17)
+    for i in range(files):
+        n = rows // files
+        pq.write_table(pa.table({"id": np.arange(i * n, (i + 1) * n),
+                                 "g": rng.integers(0, 50, n).astype("int32"),
+                                 "v": rng.random(n)}), facts / f"part-{i}.parquet", row_group_size=10_000)
+    dims = tmp_path / "files" / "dims.parquet"
+    pq.write_table(pa.table({"g": np.arange(50, dtype="int32"),
+                             "label": [f"group-{i % 7}" for i in range(50)]}), dims)
+
+    catalog = shared_catalog(request, tmp_path, "postgres")
+    # With --auth: each task carries the client's token to the server that runs it, which checks it
+    # against the shared catalog.
+    def token(name, role):
+        out = subprocess.run([binary(), "--data-dir", str(tmp_path / "cli"), "--catalog", catalog, "token",
+                              "create", name, "--role", role], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    writer = token("writer", "write")
+    reader = {"username": "reader", "password": token("reader", "read")}
+    servers = start_fleet(tmp_path, catalog, "--auth", "--sql-task-bytes", "64KiB",
+                          "--metrics-addr", "127.0.0.1:0", partitions=2)
+    try:
+        a, b, c = servers
+        client = artiflight.connect(a.url, token=writer)
+        client.register(facts, "facts")
+        client.register(dims, "dims")
+        psql = request.node.psql
+        wait_for(lambda: int(as_postgres(*psql, "SELECT count(*) FROM servers").stdout) == 3,
+                 "three servers in the catalog")
+        time.sleep(1)  # five heartbeats: every server has read the three back
+        queries = {
+            "group by": "SELECT g, count(*) AS n, sum(v) AS s, min(id) AS lo FROM facts GROUP BY g ORDER BY g",
+            "join": "SELECT d.label, count(*) AS n, avg(f.v) AS mean FROM facts f JOIN dims d ON f.g = d.g "
+                    "WHERE f.v < 0.5 GROUP BY d.label ORDER BY d.label",
+        }
+        duck = duckdb.connect()
+        duck.execute(f"CREATE VIEW facts AS SELECT * FROM read_parquet('{facts}/*.parquet')")
+        duck.execute(f"CREATE VIEW dims AS SELECT * FROM read_parquet('{dims}')")
+        before = {s.url: worker_calls(s) for s in servers}
+        with flightsql.connect(a.url, db_kwargs=reader) as conn:
+            for name, sql in queries.items():
+                with conn.cursor() as cur:
+                    cur.execute(sql)
+                    got = cur.fetch_arrow_table()
+                want = duck.sql(sql).to_arrow_table()
+                assert got.column_names == want.column_names, name
+                for column in got.column_names:
+                    g, w = got[column].to_pylist(), want[column].to_pylist()
+                    if isinstance(w[0], float):
+                        assert np.allclose(g, w, rtol=1e-9), (name, column)
+                    else:
+                        assert g == w, (name, column)
+        ran = {s.url: worker_calls(s) - before[s.url] for s in servers}
+        # EXPLAIN ANALYZE shows the stages, each of three tasks, one per server.
+        with flightsql.connect(a.url, db_kwargs=reader) as conn, conn.cursor() as cur:
+            cur.execute("EXPLAIN ANALYZE " + queries["join"])
+            plan = cur.fetch_arrow_table().to_pylist()[-1]["plan"]
+        assert "DistributedExec" in plan and "NetworkShuffleExec" in plan, plan
+        assert "tasks=3" in plan, plan
+        assert sum(1 for n in ran.values() if n > 0) >= 2, f"stages ran on {ran}"
+
+        # A fleet of one plans as a single server always did: no stage leaves it.
+        b.stop()
+        c.stop()
+        psql_count = lambda: int(as_postgres(*psql, "SELECT count(*) FROM servers").stdout)  # noqa: E731
+        wait_for(lambda: psql_count() == 1, "a fleet of one in the catalog")
+        time.sleep(1)  # five heartbeats: the survivor has read it back
+        alone = worker_calls(a)
+        with flightsql.connect(a.url, db_kwargs=reader) as conn, conn.cursor() as cur:
+            cur.execute(queries["group by"])
+            assert cur.fetch_arrow_table().num_rows == 50
+        assert worker_calls(a) == alone
+    finally:
+        stop_fleet(servers)
 
 
 def test_json_logs_and_metrics_from_the_binary(tmp_path):

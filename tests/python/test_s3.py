@@ -25,16 +25,10 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO, Server, binary
+from conftest import DEMO, Server, binary, free_port, moto_server, s3_env
 
 BUCKET = "artifacts"
 START_TIMEOUT_S = 60
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CountingProxy:
@@ -94,28 +88,11 @@ class CountingProxy:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    port = free_port()
-    moto = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                             "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and moto.poll() is None, "moto_server did not start"
-            time.sleep(0.2)
-    proxy = CountingProxy(port)
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=BUCKET)
-    local = tmp_path_factory.mktemp("s3-local")
-    env = {**creds, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}", "AWS_ALLOW_HTTP": "true"}
-    yield {"client": client, "proxy": proxy, "local": local, "env": env}
-    proxy.httpd.shutdown()
-    moto.terminate()
-    moto.wait(timeout=30)
+    with moto_server(BUCKET) as (port, client):
+        proxy = CountingProxy(port)
+        local = tmp_path_factory.mktemp("s3-local")
+        yield {"client": client, "proxy": proxy, "local": local, "env": s3_env(proxy.port)}
+        proxy.httpd.shutdown()
 
 
 def upload(s3, local: pathlib.Path, prefix: str):

@@ -246,6 +246,30 @@ pub trait CatalogStore: Send + Sync {
     fn live_servers(&self, window: std::time::Duration) -> Result<Vec<String>>;
     /// Removes the server at `uri` from the fleet (it is stopping).
     fn leave(&self, uri: &str) -> Result<()>;
+    /// Takes the managed-storage lock of every server on this catalog, waiting for it: shared
+    /// from an upload's write into managed storage to its record's commit, exclusive while a
+    /// delete removes files that no record names. A delete then never removes the object that an
+    /// identical upload on another server has just written. Held until the guard is dropped; a
+    /// process that dies lets go.
+    fn lock_managed(&self, how: ManagedLock) -> Result<ManagedGuard>;
+}
+
+/// How [`CatalogStore::lock_managed`] is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManagedLock {
+    /// An upload, between writing its file and committing its record.
+    Shared,
+    /// A delete, between reading which files records use and removing the rest.
+    Exclusive,
+}
+
+/// Holds the managed-storage lock until dropped.
+pub struct ManagedGuard(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl ManagedGuard {
+    pub(crate) fn new(held: impl Send + Sync + 'static) -> Self {
+        Self(Box::new(held))
+    }
 }
 
 /// A cheap, cloneable handle on a catalog store.
@@ -307,6 +331,11 @@ impl Catalog {
     pub async fn leave(&self, uri: &str) -> Result<()> {
         let uri = uri.to_string();
         self.run(move |c| c.leave(&uri)).await
+    }
+
+    /// [`CatalogStore::lock_managed`], off the async runtime.
+    pub async fn lock_managed(&self, how: ManagedLock) -> Result<ManagedGuard> {
+        self.run(move |c| c.lock_managed(how)).await
     }
 
     /// [`CatalogStore::register`], off the async runtime.

@@ -17,13 +17,15 @@ use tokio_postgres::types::ToSql;
 
 use super::ids::{self, now, uid, unix_millis};
 use super::{
-    ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
-    Role, TokenRecord,
+    ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, ManagedGuard, ManagedLock,
+    NewArtifact, RecordFilter, Role, TokenRecord,
 };
 use crate::error::{Error, Result};
 
 /// The advisory lock every write holds: one writer at a time across the fleet.
 const WRITE_LOCK: i64 = 0x6172_7469_666c_6967; // "artiflig"
+/// The advisory lock of [`CatalogStore::lock_managed`], held on a connection of its own.
+const MANAGED_LOCK: i64 = 0x6d61_6e61_6765_6421; // "managed!"
 
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE artifacts (
@@ -842,6 +844,23 @@ impl CatalogStore for PostgresCatalog {
                     .map_err(pg("leave"))?;
                 Ok(())
             })
+        })
+    }
+
+    fn lock_managed(&self, how: ManagedLock) -> Result<ManagedGuard> {
+        let sql = match how {
+            ManagedLock::Shared => "SELECT pg_advisory_lock_shared($1)",
+            ManagedLock::Exclusive => "SELECT pg_advisory_lock($1)",
+        };
+        self.block(async move {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            client
+                .execute(sql, &[&MANAGED_LOCK])
+                .await
+                .map_err(pg("managed-storage lock"))?;
+            // A session lock: the connection leaves the pool, and closing it (when the guard is
+            // dropped, or the process dies) is what lets go.
+            Ok(ManagedGuard::new(deadpool_postgres::Object::take(client)))
         })
     }
 }

@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehav
 
 use super::ids::{self, now, uid, unix_millis};
 use super::{
-    ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, NewArtifact, RecordFilter,
-    Role, TokenRecord,
+    ArtifactRecord, CatalogStore, CollectionRecord, Deleted, Entry, ManagedGuard, ManagedLock,
+    NewArtifact, RecordFilter, Role, TokenRecord,
 };
 use crate::error::{Error, Result};
 
@@ -112,6 +112,8 @@ const ARTIFACT_COLUMNS: &str = "uid, key, description, suffix, otype, size, hash
 /// The SQLite implementation of [`CatalogStore`].
 pub struct SqliteCatalog {
     conn: Mutex<Connection>,
+    /// Locked for [`CatalogStore::lock_managed`]: every process on this catalog file shares it.
+    managed_lock: std::path::PathBuf,
 }
 
 impl SqliteCatalog {
@@ -128,8 +130,11 @@ impl SqliteCatalog {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
+        let mut managed_lock = path.as_os_str().to_owned();
+        managed_lock.push(".managed.lock");
         Ok(Self {
             conn: Mutex::new(conn),
+            managed_lock: managed_lock.into(),
         })
     }
 
@@ -661,6 +666,22 @@ impl CatalogStore for SqliteCatalog {
             tx.execute("DELETE FROM servers WHERE uri = ?1", [uri])?;
             Ok(())
         })
+    }
+
+    fn lock_managed(&self, how: ManagedLock) -> Result<ManagedGuard> {
+        let path = &self.managed_lock;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path.display(), e))?;
+        match how {
+            ManagedLock::Shared => file.lock_shared(),
+            ManagedLock::Exclusive => file.lock(),
+        }
+        .map_err(|e| Error::io(path.display(), e))?;
+        Ok(ManagedGuard::new(file))
     }
 }
 

@@ -14,5 +14,7 @@ pub use command::{Command, Layout};
 pub use plan::{Planner, Resolved, session_config, statistics, unify_schemas};
 pub(crate) use planned::LeaseBag;
 pub use planned::Planned;
-pub use sql::{CATALOG, SCHEMA, SqlPlan, SqlPlanner, SqlTable, Statement, TABLE_TYPE};
+pub use sql::{
+    CATALOG, Distribution, SCHEMA, SqlPlan, SqlPlanner, SqlTable, Statement, TABLE_TYPE,
+};
 pub use ticket::TicketSpec;

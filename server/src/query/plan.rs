@@ -111,6 +111,11 @@ impl Planner {
         &self.storage
     }
 
+    /// The runtime every query of this planner shares: object stores, memory pool, spill dir.
+    pub(crate) fn runtime(&self) -> Arc<RuntimeEnv> {
+        Arc::clone(&self.runtime)
+    }
+
     /// Bytes of query memory reserved now, of the pool every query shares.
     pub fn memory_reserved(&self) -> usize {
         self.runtime.memory_pool.reserved()

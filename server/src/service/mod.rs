@@ -13,6 +13,7 @@ mod plans;
 mod sql;
 mod status;
 mod stream;
+mod worker;
 
 use std::future::Future;
 
@@ -67,6 +68,7 @@ pub async fn serve(
     let governor = handler.governor();
     let max_message = governor.limits.max_message_bytes;
     let gate = handler.gate();
+    let worker = handler.worker();
     let scrape = metrics.map(|listener| {
         tokio::spawn(metrics::serve_metrics(
             listener,
@@ -81,6 +83,18 @@ pub async fn serve(
     let service = FlightServiceServer::new(handler)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message.max(64 * 1024 * 1024));
+    // Other servers' SQL stages, behind the same token check as Flight: a task carries the token
+    // of the client whose query it belongs to.
+    let worker = worker.map(|worker| {
+        let server = worker
+            .into_worker_server()
+            .max_decoding_message_size(max_message);
+        auth::CheckedFirst::new(
+            server,
+            gate.clone(),
+            std::sync::Arc::clone(&governor.metrics),
+        )
+    });
     let service = auth::CheckedFirst::new(service, gate, std::sync::Arc::clone(&governor.metrics));
     // Small answers (GetFlightInfo, actions, the end of a stream) must not wait for the peer's
     // delayed ACK: without TCP_NODELAY each costs about 40 ms.
@@ -122,6 +136,7 @@ pub async fn serve(
     let served = builder
         .add_service(health_service)
         .add_service(service)
+        .add_optional_service(worker)
         .serve_with_incoming_shutdown(incoming, signal);
     let result = tokio::select! {
         served = served => served.map_err(|e| Error::internal_from("server failed", e)),

@@ -10,6 +10,24 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+/// A deleted artifact's managed files: a local file or folder, or a remote object.
+pub enum Doomed {
+    File(PathBuf),
+    Object(Arc<dyn ObjectStore>, ObjectPath),
+}
+
+impl std::fmt::Debug for Doomed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Doomed::File(path) => write!(f, "{}", path.display()),
+            Doomed::Object(store, path) => write!(f, "{store}/{path}"),
+        }
+    }
+}
+
 /// The artifacts this process reads, by record path, and the files waiting for their readers.
 #[derive(Debug, Default)]
 pub struct Leases {
@@ -19,7 +37,7 @@ pub struct Leases {
 #[derive(Debug, Default)]
 struct State {
     readers: HashMap<String, usize>,
-    doomed: HashMap<String, Vec<PathBuf>>,
+    doomed: HashMap<String, Vec<Doomed>>,
 }
 
 /// One reader's hold on an artifact; dropping it lets go.
@@ -44,9 +62,10 @@ impl Leases {
         }
     }
 
-    /// Removes `file` (the managed file or folder of record path `path`) now if nothing reads
-    /// `path`, else once its last reader lets go. Returns whether it was removed now.
-    pub fn remove_when_unread(&self, path: &str, file: PathBuf) -> bool {
+    /// Removes `file` (the managed file, folder or object of record path `path`) now if nothing
+    /// reads `path`, else once its last reader lets go. Returns whether it was removed now.
+    /// Blocks: call it off the async threads.
+    pub fn remove_when_unread(&self, path: &str, file: Doomed) -> bool {
         {
             let mut state = self.state();
             if state.readers.get(path).copied().unwrap_or(0) > 0 {
@@ -92,14 +111,25 @@ impl Drop for Lease {
     }
 }
 
-fn remove(files: Vec<PathBuf>) {
+/// Removes what `files` name. Blocks (a remote delete waits on the runtime it is called from).
+fn remove(files: Vec<Doomed>) {
     for file in files {
-        match super::managed::remove_entry(&file) {
-            Ok(()) => tracing::info!(file = %file.display(), "removed a deleted artifact's files"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(file = %file.display(), error = %e, "could not remove managed file")
-            }
+        let removed = match &file {
+            Doomed::File(path) => match super::managed::remove_entry(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other.map_err(|e| e.to_string()),
+            },
+            Doomed::Object(store, path) => match tokio::runtime::Handle::try_current() {
+                Ok(handle) => match handle.block_on(store.delete(path)) {
+                    Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    other => other.map_err(|e| e.to_string()),
+                },
+                Err(_) => Err("no runtime to delete it on".to_string()),
+            },
+        };
+        match removed {
+            Ok(()) => tracing::info!(file = ?file, "removed a deleted artifact's files"),
+            Err(e) => tracing::warn!(file = ?file, error = %e, "could not remove managed file"),
         }
     }
 }
@@ -116,14 +146,14 @@ mod tests {
         let leases = Arc::new(Leases::default());
         let first = leases.take("file:///a");
         let second = leases.take("file:///a");
-        assert!(!leases.remove_when_unread("file:///a", file.clone()));
+        assert!(!leases.remove_when_unread("file:///a", Doomed::File(file.clone())));
         drop(first);
         assert!(file.exists(), "removed under a reader");
         drop(second);
         assert!(!file.exists());
         assert_eq!(leases.readers("file:///a"), 0);
         std::fs::write(&file, b"x")?;
-        assert!(leases.remove_when_unread("file:///a", file.clone()));
+        assert!(leases.remove_when_unread("file:///a", Doomed::File(file.clone())));
         assert!(!file.exists());
         Ok(())
     }

@@ -1,7 +1,9 @@
-//! Managed storage: the folder under the data dir where uploads and new versions are written,
-//! content-addressed. Uploads are written under a temporary name, synced, renamed and then
-//! registered; lock files keep a sweep or a delete from removing what another process is about to
-//! commit, and the sweep at start removes what a crash left.
+//! Managed storage: where uploads and new versions are kept, content-addressed. They are written
+//! under a temporary name in the data dir's `objects/`, synced, and then renamed to their hash
+//! there, or, with `--managed-storage s3://...`, copied to their hash under that prefix, and then
+//! registered. A lock file keeps a start-up sweep from removing what another process is about to
+//! commit, the catalog's managed-storage lock keeps a delete on any server from removing it, and
+//! the sweep removes what a crash left.
 
 use crate::error::{Error, Result};
 
@@ -12,16 +14,6 @@ pub(crate) const UPLOAD_PREFIX: &str = ".upload-";
 /// exclusively, so it never removes what a running upload (of any process) is about to register.
 /// The kernel drops the lock of a killed process, so a crash never blocks the next sweep.
 pub(crate) const UPLOADS_LOCK: &str = ".uploads.lock";
-
-/// Held shared from an upload's rename to its record's commit, and exclusively while a delete
-/// removes files no record names any more: a delete never unlinks the file that an identical
-/// upload has just renamed into place.
-pub(crate) const COMMITS_LOCK: &str = ".commits.lock";
-
-pub(crate) enum Lock {
-    Shared,
-    Exclusive,
-}
 
 /// A file or folder being written into managed storage, removed if dropped before it is kept.
 pub(crate) struct Upload {
@@ -67,6 +59,37 @@ impl Drop for Upload {
     }
 }
 
+/// Copies the local file `from` to `to` in `store`, in parts, a few in flight at once.
+pub(crate) async fn copy_to_store(
+    from: &std::path::Path,
+    store: &dyn object_store::ObjectStore,
+    to: &object_store::path::Path,
+) -> Result<()> {
+    use object_store::ObjectStoreExt;
+    use tokio::io::AsyncReadExt;
+    const PART: usize = 8 << 20;
+    let failed = |e: object_store::Error| Error::internal_from(format!("cannot copy to {to}"), e);
+    let mut file = tokio::fs::File::open(from)
+        .await
+        .map_err(|e| Error::io(from.display(), e))?;
+    let upload = store.put_multipart(to).await.map_err(failed)?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART);
+    let mut buf = vec![0u8; PART];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::io(from.display(), e))?;
+        if n == 0 {
+            break;
+        }
+        writer.wait_for_capacity(4).await.map_err(failed)?;
+        writer.write(&buf[..n]);
+    }
+    writer.finish().await.map_err(failed)?;
+    Ok(())
+}
+
 /// Removes a file, or a folder with everything in it.
 pub(crate) fn remove_entry(path: &std::path::Path) -> std::io::Result<()> {
     if path.is_dir() {
@@ -103,24 +126,17 @@ fn open_lock(path: &std::path::Path) -> Result<std::fs::File> {
         .map_err(|e| Error::io(path.display(), e))
 }
 
-/// Takes one of managed storage's lock files, waiting for it.
-pub(crate) async fn lock(
-    dir: &std::path::Path,
-    name: &'static str,
-    how: Lock,
-) -> Result<std::fs::File> {
-    let path = dir.join(name);
+/// Takes the uploads lock shared, waiting for a sweep that holds it.
+pub(crate) async fn hold_uploads(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join(UPLOADS_LOCK);
     tokio::task::spawn_blocking(move || {
         let file = open_lock(&path)?;
-        match how {
-            Lock::Shared => file.lock_shared(),
-            Lock::Exclusive => file.lock(),
-        }
-        .map_err(|e| Error::io(path.display(), e))?;
+        file.lock_shared()
+            .map_err(|e| Error::io(path.display(), e))?;
         Ok(file)
     })
     .await
-    .map_err(|e| Error::internal_from(format!("cannot lock {name}"), e))?
+    .map_err(|e| Error::internal_from("cannot lock the uploads", e))?
 }
 
 /// Removes what a crashed upload left in `dir`: partial `.upload-*` files, and complete files

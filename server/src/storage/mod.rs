@@ -7,7 +7,7 @@ mod lease;
 mod locate;
 pub(crate) mod managed;
 
-pub use lease::{Lease, Leases};
+pub use lease::{Doomed, Lease, Leases};
 pub use locate::{HashKind, Located, hash_parts};
 
 use std::collections::HashMap;
@@ -105,9 +105,19 @@ fn canonical_local(value: &str) -> Result<PathBuf> {
     })
 }
 
+/// Where uploads and new versions are kept, content-addressed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ManagedStorage {
+    /// `objects/` in the data dir (the default).
+    Local,
+    /// A remote prefix (`s3://bucket/prefix/`) that every server of a fleet reads.
+    Remote(Url),
+}
+
 /// Storage access for one server or one command-line invocation.
 pub struct Storage {
     data_dir: PathBuf,
+    managed: ManagedStorage,
     roots: Vec<Root>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
     /// Remote reads go through this when set.
@@ -132,6 +142,7 @@ impl Storage {
             roots.push(Root::parse(root)?);
         }
         Ok(Self {
+            managed: ManagedStorage::Local,
             data_dir,
             roots,
             stores: Mutex::new(HashMap::new()),
@@ -152,6 +163,47 @@ impl Storage {
         Ok(self)
     }
 
+    /// Keeps uploads under the remote prefix `url` (`s3://bucket/prefix`) instead of the data dir,
+    /// so that every server of a fleet reads them. The prefix becomes an allowed root.
+    pub fn with_managed_storage(mut self, url: &str) -> Result<Self> {
+        let Some(mut url) = parse_remote(url)? else {
+            return Err(Error::invalid(format!(
+                "--managed-storage '{url}' is not a remote URL: expected s3://bucket/prefix (or \
+                 gs://, az://); without it uploads stay in the data dir"
+            )));
+        };
+        if matches!(url.scheme(), "http" | "https") {
+            return Err(Error::invalid(format!(
+                "--managed-storage '{url}': HTTP stores are read-only"
+            )));
+        }
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        self.roots.push(Root::Remote(url.clone()));
+        self.managed = ManagedStorage::Remote(url);
+        Ok(self)
+    }
+
+    /// Where uploads are kept.
+    pub fn managed(&self) -> &ManagedStorage {
+        &self.managed
+    }
+
+    /// Whether the record path `path` names a file in managed storage: the remote prefix, or the
+    /// local folder (which holds what was uploaded before the prefix was set, too).
+    pub fn is_managed(&self, path: &str) -> bool {
+        if let ManagedStorage::Remote(prefix) = &self.managed
+            && path.starts_with(prefix.as_str())
+        {
+            return true;
+        }
+        Url::parse(path)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .is_some_and(|file| file.starts_with(self.managed_dir()))
+    }
+
     /// The range cache's hits, misses and bytes held, when there is a cache.
     pub fn cache_counts(&self) -> Option<(u64, u64, u64)> {
         self.cache.as_ref().map(|c| c.counts())
@@ -166,7 +218,8 @@ impl Storage {
         &self.data_dir
     }
 
-    /// Managed storage: where uploads are written, content-addressed.
+    /// Managed storage's local folder: where uploads are written (and, with remote managed
+    /// storage, staged until they are copied there).
     pub fn managed_dir(&self) -> PathBuf {
         self.data_dir.join("objects")
     }

@@ -23,9 +23,11 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::{ExecutionPlan, ExecutionPlanProperties};
 use datafusion::prelude::SessionContext;
 
+mod distributed;
 mod statement;
 mod tables;
 
+pub use distributed::Distribution;
 pub use statement::Statement;
 use statement::{bind, number_placeholders, plain_types, read_only, refuse_writes};
 use tables::Tables;
@@ -104,11 +106,30 @@ pub struct SqlPlan {
 #[derive(Clone)]
 pub struct SqlPlanner {
     planner: Planner,
+    /// Set in a fleet: statements that exchange data may run their stages on several servers.
+    distribution: Option<Distribution>,
 }
 
 impl SqlPlanner {
     pub fn new(planner: Planner) -> Self {
-        Self { planner }
+        Self {
+            planner,
+            distribution: None,
+        }
+    }
+
+    /// Plans statements that exchange data across the fleet when it has several live servers.
+    pub fn with_distribution(mut self, distribution: Distribution) -> Self {
+        self.distribution = Some(distribution);
+        self
+    }
+
+    /// The same planner, with `n` target partitions (a ticket's, so that it plans as issued).
+    pub fn with_partitions(&self, n: usize) -> Self {
+        Self {
+            planner: self.planner.with_partitions(n),
+            distribution: self.distribution.clone(),
+        }
     }
 
     /// The planner under it, for what SQL shares with Flight commands.
@@ -263,6 +284,16 @@ impl SqlPlanner {
     /// scan, filtered and projected); otherwise they are merged into one, because executing one
     /// partition of a plan that repartitions or joins would run, and buffer, its siblings too.
     pub async fn plan(&self, statement: &Statement) -> Result<SqlPlan> {
+        self.plan_as(statement, None).await
+    }
+
+    /// [`SqlPlanner::plan`] for a caller whose `authorization` header (if any) goes with the
+    /// stages that run on other servers of the fleet.
+    pub async fn plan_as(
+        &self,
+        statement: &Statement,
+        authorization: Option<&str>,
+    ) -> Result<SqlPlan> {
         let (ctx, tables, logical) = self.logical(statement).await?;
         if statement.parameters.is_none() {
             let missing = logical.get_parameter_fields()?;
@@ -274,10 +305,20 @@ impl SqlPlanner {
                 )));
             }
         }
-        let state = ctx.state();
+        let mut state = ctx.state();
         let mut plan = state.create_physical_plan(&logical).await?;
+        let scans_only = independent(plan.as_ref());
+        if let Some(distribution) = &self.distribution
+            && !scans_only
+            && distribution.applies_to(plan.as_ref())
+        {
+            // Planned again rather than rewritten: the distributed planner is a query planner.
+            // Planning is milliseconds; the stages it spreads are the query's seconds.
+            state = distribution.state(&state, authorization)?;
+            plan = state.create_physical_plan(&logical).await?;
+        }
         let partitions = plan.output_partitioning().partition_count();
-        if partitions != 1 && !(partitions > 1 && independent(plan.as_ref())) {
+        if partitions != 1 && !(partitions > 1 && scans_only) {
             plan = Arc::new(CoalescePartitionsExec::new(plan));
         }
         let versions = tables

@@ -84,10 +84,22 @@ impl FlightHandler {
         })
     }
 
-    /// This handler, naming in each endpoint the fleet's server for its data.
-    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+    /// This handler, naming in each endpoint the fleet's server for its data, and running the
+    /// stages of SQL that exchanges data on the fleet's servers, `scan_bytes_per_task` of files
+    /// per scan task.
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>, scan_bytes_per_task: usize) -> Self {
+        self.sql = self.sql.with_distribution(crate::query::Distribution {
+            workers: Arc::clone(&fleet) as _,
+            scan_bytes_per_task,
+        });
         self.fleet = Some(fleet);
         self
+    }
+
+    /// The worker service that runs other servers' SQL stages, when this server is in a fleet.
+    pub(super) fn worker(&self) -> Option<datafusion_distributed::Worker> {
+        let fleet = Arc::clone(self.fleet.as_ref()?);
+        Some(super::worker::worker(&self.planner, fleet))
     }
 
     pub(super) fn planner(&self) -> &Planner {

@@ -38,7 +38,9 @@ use super::cancel::Cancels;
 use super::plans::Plans;
 use super::stream::{FlightStream, batches_to_flight, stream_partition};
 use crate::error::{Error, Result};
-use crate::query::{CATALOG, Planner, SCHEMA, SqlPlan, SqlPlanner, Statement, TABLE_TYPE};
+use crate::query::{
+    CATALOG, Distribution, Planner, SCHEMA, SqlPlan, SqlPlanner, Statement, TABLE_TYPE,
+};
 
 /// Flight SQL's type URLs share this prefix; plain Flight commands are JSON and never match.
 const TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
@@ -54,6 +56,15 @@ pub(super) const ACTIONS: [&str; 8] = [
     "EndSavepoint",
     "CancelQuery",
 ];
+
+/// The caller's `authorization` header, which a distributed statement's tasks carry to the
+/// fleet's other servers.
+fn authorization(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
 
 /// The Flight SQL message in `bytes`, if they hold one.
 pub(super) fn sql_message(bytes: &[u8]) -> Option<Any> {
@@ -87,14 +98,26 @@ impl SqlService {
         self.sql.planner()
     }
 
+    /// Statements that exchange data run their stages across the fleet when it has several
+    /// live servers.
+    pub(super) fn with_distribution(mut self, distribution: Distribution) -> Self {
+        self.sql = self.sql.with_distribution(distribution);
+        self
+    }
+
     /// A statement's flight: one endpoint per independent partition, each ticket the statement
     /// with its partition and the versions it resolved.
     async fn statement_info(
         &self,
         statement: Statement,
-        descriptor: FlightDescriptor,
+        request: Request<FlightDescriptor>,
     ) -> Result<FlightInfo> {
-        let SqlPlan { planned, versions } = self.sql.plan(&statement).await?;
+        let authorization = authorization(request.metadata());
+        let descriptor = request.into_inner();
+        let SqlPlan { planned, versions } = self
+            .sql
+            .plan_as(&statement, authorization.as_deref())
+            .await?;
         let partition_count = planned.endpoint_count();
         let flight = rand::random::<u64>();
         let tickets = (0..partition_count)
@@ -312,7 +335,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let info = self
-            .statement_info(Statement::new(query.query), request.into_inner())
+            .statement_info(Statement::new(query.query), request)
             .await?;
         Ok(Response::new(info))
     }
@@ -323,7 +346,7 @@ impl FlightSqlService for SqlService {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let statement = Statement::decode(&query.prepared_statement_handle)?;
-        let info = self.statement_info(statement, request.into_inner()).await?;
+        let info = self.statement_info(statement, request).await?;
         Ok(Response::new(info))
     }
 
@@ -414,11 +437,12 @@ impl FlightSqlService for SqlService {
     async fn do_get_statement(
         &self,
         ticket: TicketStatementQuery,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<DoGetResponse, Status> {
         let statement = Statement::decode(&ticket.statement_handle)?;
-        let sql = SqlPlanner::new(self.planner().with_partitions(statement.target_partitions));
-        let SqlPlan { planned, .. } = sql.plan(&statement).await?;
+        let sql = self.sql.with_partitions(statement.target_partitions);
+        let authorization = authorization(request.metadata());
+        let SqlPlan { planned, .. } = sql.plan_as(&statement, authorization.as_deref()).await?;
         if planned.endpoint_count() != statement.partition_count {
             return Err(Error::Stale(
                 "the data changed since this ticket was issued; run the query again".into(),
