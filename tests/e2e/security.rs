@@ -350,7 +350,7 @@ async fn every_call_checks_the_token() -> TestResult {
     let channel = Channel::from_shared(server.url.replace("grpc://", "http://"))?
         .connect()
         .await?;
-    let mut raw = FlightServiceClient::new(channel);
+    let mut raw = FlightServiceClient::new(channel.clone());
     fn request<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if let Some(t) = token
@@ -489,5 +489,26 @@ async fn every_call_checks_the_token() -> TestResult {
         want,
         "add_column"
     );
+
+    // The SQL worker service (other servers' query stages) checks the token like Flight does.
+    // Its GetWorkerInfo request is empty, as Flight's `Empty` is, and its answer decodes as one.
+    let mut worker = tonic::client::Grpc::new(channel);
+    for (token, want) in [
+        (None, Some(Code::Unauthenticated)),
+        (Some("afl_not-a-token"), Some(Code::Unauthenticated)),
+        (read, None),
+    ] {
+        worker.ready().await?;
+        let answer: Result<tonic::Response<Empty>, tonic::Status> = worker
+            .unary(
+                request(token, Empty {}),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/worker.WorkerService/GetWorkerInfo",
+                ),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        assert_eq!(code(answer), want, "GetWorkerInfo with {token:?}");
+    }
     Ok(())
 }

@@ -30,6 +30,20 @@ pub(crate) const ACTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Flight's own actions that the server answers besides its JSON actions and Flight SQL's.
+pub(super) const FLIGHT_ACTIONS: &[(&str, &str)] = &[
+    (
+        "CancelFlightInfo",
+        "Cancel a flight: its running streams end with CANCELLED and its tickets are refused",
+    ),
+    ("CloseSession", "Close the session (the server keeps none)"),
+    (
+        "SetSessionOptions",
+        "Accepted; the server keeps no session options",
+    ),
+    ("GetSessionOptions", "No session options are kept"),
+];
+
 /// The actions that change the catalog or storage: they need a write token.
 pub(crate) const WRITES: &[&str] = &["register", "create_collection", "delete", "add_column"];
 

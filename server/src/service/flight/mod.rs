@@ -35,20 +35,6 @@ use crate::formats::{self, ReadRequest};
 use crate::query::{Command, Planned, Planner, Resolved, TicketSpec};
 use crate::registry::Registry;
 
-/// Flight's own actions that the server answers besides its JSON actions and Flight SQL's.
-const FLIGHT_ACTIONS: &[(&str, &str)] = &[
-    (
-        "CancelFlightInfo",
-        "Cancel a flight: its running streams end with CANCELLED and its tickets are refused",
-    ),
-    ("CloseSession", "Close the session (the server keeps none)"),
-    (
-        "SetSessionOptions",
-        "Accepted; the server keeps no session options",
-    ),
-    ("GetSessionOptions", "No session options are kept"),
-];
-
 /// The Flight service: one per server, cheap to clone.
 #[derive(Clone)]
 pub struct FlightHandler {
@@ -495,15 +481,16 @@ impl FlightService for FlightHandler {
         request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         self.allow(&request, Role::Read, "ListActions").await?;
-        let ours = actions::ACTIONS
-            .iter()
-            .chain(FLIGHT_ACTIONS)
-            .map(|(name, description)| {
-                Ok(ActionType {
-                    r#type: name.to_string(),
-                    description: description.to_string(),
-                })
-            });
+        let ours =
+            actions::ACTIONS
+                .iter()
+                .chain(actions::FLIGHT_ACTIONS)
+                .map(|(name, description)| {
+                    Ok(ActionType {
+                        r#type: name.to_string(),
+                        description: description.to_string(),
+                    })
+                });
         let sql = self.sql.list_actions(request).await?.into_inner();
         Ok(Response::new(stream::iter(ours).chain(sql).boxed()))
     }
