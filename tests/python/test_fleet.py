@@ -129,6 +129,19 @@ def expected_table(folder) -> pa.Table:
     return pads.dataset(folder, format="parquet", partitioning="hive").to_table().sort_by("id")
 
 
+def statement_query(sql: str) -> bytes:
+    """Flight SQL's CommandStatementQuery in a protobuf Any, written by hand (two string fields)."""
+    def field(number: int, payload: bytes) -> bytes:
+        length, varint = len(payload), b""
+        while True:
+            byte, length = length & 0x7F, length >> 7
+            varint += bytes([byte | (0x80 if length else 0)])
+            if not length:
+                return bytes([number << 3 | 2]) + varint + payload
+    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    return field(1, type_url) + field(2, field(1, sql.encode()))
+
+
 def test_endpoints_spread_over_the_fleet_and_route_around_a_lost_server(fleet, request):
     servers, folder = fleet
     a, b, c = servers
@@ -169,6 +182,20 @@ def test_endpoints_spread_over_the_fleet_and_route_around_a_lost_server(fleet, r
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert pq.read_table(out).sort_by("id").select(["id", "x"]).equals(want.select(["id", "x"]))
+
+    # Flight SQL: a scan's independent partitions are spread the same way, and read whole from
+    # their locations (by hand with pyarrow, and through ADBC).
+    sql = "SELECT id, x FROM shards"
+    sql_info = b.client().get_flight_info(flight.FlightDescriptor.for_command(statement_query(sql)))
+    sql_locations = {e.locations[0].uri.decode() for e in sql_info.endpoints if e.locations}
+    assert len(sql_info.endpoints) > 1 and sql_locations == urls
+    parts = [flight.connect(e.locations[0].uri.decode()).do_get(e.ticket).read_all() for e in sql_info.endpoints]
+    assert pa.concat_tables(parts).sort_by("id").equals(want.select(["id", "x"]))
+    import adbc_driver_flightsql.dbapi as flightsql
+
+    with flightsql.connect(b.url) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        assert cur.fetch_arrow_table().sort_by("id").equals(want.select(["id", "x"]))
 
     # kill -9: no goodbye; the others route around it once its heartbeat is old.
     c.proc.kill()
@@ -232,9 +259,23 @@ def test_uploads_to_shared_s3_storage_are_read_by_every_server(request, tmp_path
     catalog = shared_catalog(request, tmp_path, kind)
     with moto_server(BUCKET) as (port, s3):
         servers = start_fleet(tmp_path, catalog, "--managed-storage", f"s3://{BUCKET}/uploads",
-                              env=s3_env(port), partitions=2)
+                              "--allow-root", f"s3://{BUCKET}/data", env=s3_env(port))
         try:
             a, b, c = servers
+            # A 20-shard folder in S3, registered through one server: the FlightInfo from another
+            # has endpoints on all three, and pyarrow reads them from their locations.
+            folder = tmp_path / "files" / "shards"
+            write_shards(folder)
+            for path in sorted(folder.rglob("*.parquet")):
+                s3.upload_file(str(path), BUCKET, f"data/shards/{path.relative_to(folder).as_posix()}")
+            artiflight.connect(a.url).register(f"s3://{BUCKET}/data/shards", "remote-shards")
+            info, spread = wait_for(
+                lambda: (lambda r: r if set(r[1]) == {s.url for s in servers} else None)(
+                    locations(b, "remote-shards")), "remote endpoints on all three servers")
+            parts = [flight.connect(uri).do_get(e.ticket).read_all() for e, uri in zip(info.endpoints, spread)]
+            want = expected_table(folder).select(["id", "x"])
+            assert pa.concat_tables(parts).sort_by("id").select(["id", "x"]).equals(want)
+
             table = pa.table({"id": np.arange(5000), "x": np.random.default_rng(3).random(5000)})
             saved = artiflight.connect(a.url).save(table, "shared")
             assert saved.path.startswith(f"s3://{BUCKET}/uploads/") and saved.path.endswith(".parquet")

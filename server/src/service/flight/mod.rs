@@ -70,14 +70,11 @@ impl FlightHandler {
         })
     }
 
-    /// This handler, naming in each endpoint the fleet's server for its data, and running the
-    /// stages of SQL that exchanges data on the fleet's servers, `scan_bytes_per_task` of files
-    /// per scan task.
+    /// This handler, naming in each endpoint the fleet's server for its data (Flight SQL's too),
+    /// and running the stages of SQL that exchanges data on the fleet's servers,
+    /// `scan_bytes_per_task` of files per scan task.
     pub fn with_fleet(mut self, fleet: Arc<Fleet>, scan_bytes_per_task: usize) -> Self {
-        self.sql = self.sql.with_distribution(crate::query::Distribution {
-            workers: Arc::clone(&fleet) as _,
-            scan_bytes_per_task,
-        });
+        self.sql = self.sql.with_fleet(Arc::clone(&fleet), scan_bytes_per_task);
         self.fleet = Some(fleet);
         self
     }

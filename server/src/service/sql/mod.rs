@@ -35,6 +35,7 @@ mod metadata;
 use metadata::{foreign_keys_schema, primary_keys_schema, sql_info, type_info};
 
 use super::cancel::Cancels;
+use super::fleet::{self, Fleet};
 use super::plans::Plans;
 use super::stream::{FlightStream, batches_to_flight, stream_partition};
 use crate::error::{Error, Result};
@@ -81,6 +82,8 @@ pub(super) struct SqlService {
     plans: Arc<Plans>,
     info: Arc<SqlInfoData>,
     types: Arc<XdbcTypeInfoData>,
+    /// The fleet, for the locations of independent partitions' endpoints.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl SqlService {
@@ -91,6 +94,7 @@ impl SqlService {
             plans,
             info: Arc::new(sql_info()?),
             types: Arc::new(type_info()?),
+            fleet: None,
         })
     }
 
@@ -98,10 +102,14 @@ impl SqlService {
         self.sql.planner()
     }
 
-    /// Statements that exchange data run their stages across the fleet when it has several
-    /// live servers.
-    pub(super) fn with_distribution(mut self, distribution: Distribution) -> Self {
-        self.sql = self.sql.with_distribution(distribution);
+    /// In a fleet of several live servers, statements that exchange data run their stages on
+    /// all of them, and the endpoints of independent partitions name the server for their data.
+    pub(super) fn with_fleet(mut self, fleet: Arc<Fleet>, scan_bytes_per_task: usize) -> Self {
+        self.sql = self.sql.with_distribution(Distribution {
+            workers: Arc::clone(&fleet) as _,
+            scan_bytes_per_task,
+        });
+        self.fleet = Some(fleet);
         self
     }
 
@@ -136,9 +144,20 @@ impl SqlService {
                 Ok(Bytes::from(ticket.as_any().encode_to_vec()))
             })
             .collect::<Result<Vec<_>>>()?;
+        // Independent partitions are shards of the tables read: the fleet spreads them as it
+        // spreads a flight's. One endpoint stays with the server asked, which coordinates it.
+        let uids: Vec<String> = versions.values().cloned().collect();
         let endpoints = tickets
             .iter()
-            .map(|t| FlightEndpoint::new().with_ticket(Ticket::new(t.clone())))
+            .enumerate()
+            .map(|(partition, t)| {
+                let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(t.clone()));
+                if partition_count < 2 {
+                    return endpoint;
+                }
+                let shard = fleet::shard_key(&uids, &[], partition, partition_count);
+                fleet::locate(self.fleet.as_deref(), endpoint, &shard)
+            })
             .collect();
         let (records, bytes) = planned.totals();
         let info = FlightInfo::new()
