@@ -162,7 +162,7 @@ pub(crate) async fn run(global: &Global, serve: Serve) -> Result<()> {
     opts.advertise = serve.advertise.clone();
     opts.metrics_addr = serve.metrics_addr.clone();
     let task_bytes = parse_size(&serve.sql_task_bytes).context("--sql-task-bytes")?;
-    opts.sql_task_bytes = usize::try_from(task_bytes).unwrap_or(usize::MAX).max(1);
+    opts.sql_task_bytes = usize::try_from(task_bytes).unwrap_or(usize::MAX);
     opts.heartbeat = parse_duration(&serve.heartbeat).context("--heartbeat")?;
     if opts.heartbeat.is_zero() {
         bail!("--heartbeat must be more than 0");

@@ -107,7 +107,7 @@ def moto_server(*buckets: str):
         moto.wait(timeout=30)
 
 
-# What a server needs to reach moto on `port`.
+# What a server needs to reach an S3 server (moto or SeaweedFS) on loopback `port`.
 def s3_env(port: int) -> dict:
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true"}

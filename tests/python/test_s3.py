@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO, Server, binary, free_port, moto_server, s3_env
+from conftest import DEMO, Server, binary, moto_server, s3_env
 
 BUCKET = "artifacts"
 START_TIMEOUT_S = 60
@@ -361,9 +361,7 @@ def seaweed(tmp_path_factory):
             assert time.monotonic() < deadline and weed.poll() is None, \
                 f"SeaweedFS did not start:\n{(root / 'weed.log').read_text()[-2000:]}"
             time.sleep(0.3)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"}
-    yield {"client": client, "env": env}
+    yield {"client": client, "env": s3_env(ports["s3"])}
     weed.terminate()
     weed.wait(timeout=30)
     log.close()

@@ -87,18 +87,11 @@ fn admit(
     fleet: &Fleet,
 ) -> Result<(), DataFusionError> {
     let members = fleet.get_urls()?;
-    let mut refused = None;
     plan.apply(|node| {
-        if let Err(e) = admit_node(node.as_ref(), storage, runtime, &members) {
-            refused = Some(e);
-            return Ok(TreeNodeRecursion::Stop);
-        }
+        admit_node(node.as_ref(), storage, runtime, &members)?;
         Ok(TreeNodeRecursion::Continue)
     })?;
-    match refused {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 fn admit_node(
